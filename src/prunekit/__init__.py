@@ -1,0 +1,35 @@
+"""prunekit: pruning for PyTorch.
+
+    import prunekit as pk
+    report = pk.prune(model, sparsity=0.8, method="magnitude", scope="global")
+    pk.finalize(model)
+
+Pruning is four choices: what goes (granularity), how it is scored (method), where the budget goes
+(scope), and when (schedule); the action is a mask (shapes stay) or surgery (``prunekit.structured``).
+"""
+
+from . import criteria, granularity, masking, metrics, schedules, scope  # noqa: F401
+from .masking import finalize, from_torch_prune, masks, sparsity, to_torch_prune
+from .metrics import summary
+from .pruner import Pruner
+from .pruning import PruneReport, prune
+from .serialization import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prune",
+    "Pruner",
+    "PruneReport",
+    "masks",
+    "sparsity",
+    "finalize",
+    "save",
+    "load",
+    "summary",
+    "from_torch_prune",
+    "to_torch_prune",
+    "schedules",
+    "metrics",
+    "masking",
+]

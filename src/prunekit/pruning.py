@@ -1,0 +1,250 @@
+"""``prunekit.prune``: criterion x granularity x scope, applied as masks.
+
+``PruningSpec`` validates every choice once (so nothing changes on bad input) and computes new masks;
+``prune`` is the one-shot call, and ``Pruner`` (pruner.py) reuses the same spec on a schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import masking
+from .criteria import Criterion, get_criterion
+from .granularity import GROUP_NORMS, NM, Granularity, get_granularity
+from .scope import LayerScores, Scope, check_sparsity, get_scope, warn_emptied
+from .statistics import LossFn, TargetStatistics, collect_gradient_statistics
+from .targets import Target, resolve_targets
+
+__all__ = ["prune", "PruningSpec", "PruneReport", "LayerReport"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    sparsity_before: float
+    sparsity_after: float
+
+
+@dataclass
+class PruneReport:
+    """What a pruning call did, layer by layer."""
+
+    method: str
+    granularity: str
+    scope: str
+    target_sparsity: float | None
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the targets' entries that are pruned now."""
+        total = sum(l.numel for l in self.layers)
+        return sum(l.sparsity_after * l.numel for l in self.layers) / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "granularity": self.granularity,
+            "scope": self.scope,
+            "target_sparsity": self.target_sparsity,
+            "sparsity": self.sparsity,
+            "layers": [l.__dict__ for l in self.layers],
+        }
+
+    def __str__(self) -> str:
+        width = max([len(l.name) for l in self.layers] + [5])
+        lines = [
+            f"pruned with {self.method}, {self.granularity}, {self.scope}: sparsity {self.sparsity:.2%}",
+            f"{'layer':<{width}}  {'shape':>18}  {'before':>7}  {'after':>7}",
+        ]
+        for l in self.layers:
+            shape = "x".join(map(str, l.shape))
+            lines.append(f"{l.name:<{width}}  {shape:>18}  {l.sparsity_before:>7.2%}  {l.sparsity_after:>7.2%}")
+        return "\n".join(lines)
+
+
+def _fraction_pruned(mask: Tensor | None) -> float:
+    return 0.0 if mask is None else 1.0 - float(mask.sum()) / mask.numel()
+
+
+class PruningSpec:
+    """A validated pruning configuration bound to a model.
+
+    Every name, target and shape is checked at construction; ``compute_masks`` changes nothing, and
+    ``apply`` only tightens masks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | Criterion = "magnitude",
+        granularity: str | Granularity = "element",
+        scope: str | Mapping[str, float] | Scope = "global",
+        targets: Iterable[str | type[nn.Module]] | str | None = None,
+        exclude: Iterable[str] | str = (),
+        group_norm: str = "l1",
+        max_layer_sparsity: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.criterion = get_criterion(method)
+        self.granularity = get_granularity(granularity)
+        self.scope = get_scope(scope)
+        self.scope_name = scope if isinstance(scope, str) else "per-layer"
+        if isinstance(self.granularity, NM):
+            self.scope_name = "every block"  # N:M is decided inside each block of M
+        if group_norm not in GROUP_NORMS:
+            raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {group_norm!r}")
+        self.group_norm = group_norm
+        self.max_layer_sparsity = (
+            None if max_layer_sparsity is None else _check_cap(max_layer_sparsity)
+        )
+        self.seed = int(seed)
+        self.targets: list[Target] = resolve_targets(model, targets, exclude)
+        for target in self.targets:
+            self.granularity.check(target)
+        if hasattr(self.scope, "sparsities"):  # per-layer dict: every pattern must hit a target
+            self.scope.sparsities([t.name for t in self.targets], None)
+
+    @property
+    def method_name(self) -> str:
+        return self.criterion.name or type(self.criterion).__name__
+
+    def check_sparsity(self, sparsity: float | None) -> float | None:
+        if isinstance(self.granularity, NM):
+            if sparsity is not None and abs(float(sparsity) - self.granularity.sparsity) > 1e-9:
+                raise ValueError(
+                    f"the {self.granularity.name} pattern fixes sparsity at {self.granularity.sparsity:g}; "
+                    f"got sparsity={sparsity!r} (leave it out)"
+                )
+            return self.granularity.sparsity
+        if sparsity is None:
+            if hasattr(self.scope, "sparsities"):
+                return None
+            raise ValueError("sparsity is required (a number in [0, 1))")
+        return check_sparsity(sparsity)
+
+    def statistics(
+        self, data: Iterable | None, loss_fn: LossFn | None, max_batches: int | None = None
+    ) -> dict[str, TargetStatistics] | None:
+        """Collect what the criterion needs from ``data`` (None for data-free criteria)."""
+        if not self.criterion.needs_data:
+            return None
+        if data is None:
+            raise ValueError(
+                f"method {self.method_name!r} is data-driven: pass data= (an iterable of batches) "
+                "and, unless the loss is cross-entropy, loss_fn="
+            )
+        return collect_gradient_statistics(
+            self.model, self.targets, data, loss_fn, self.criterion.needs, max_batches
+        )
+
+    def _scores(self, index: int, target: Target, stats) -> Tensor:
+        raw = self.criterion.score(
+            target, None if stats is None else stats.get(target.name), seed=self.seed, index=index
+        )
+        if tuple(raw.shape) != target.shape:
+            raise ValueError(
+                f"criterion {self.method_name!r} returned scores of shape {tuple(raw.shape)} "
+                f"for {target.name} of shape {target.shape}"
+            )
+        return raw
+
+    def compute_masks(
+        self, sparsity: float | None, stats: Mapping[str, TargetStatistics] | None = None
+    ) -> dict[str, Tensor]:
+        """New keep-masks (``True`` = kept) reaching ``sparsity``; the model is not changed."""
+        sparsity = self.check_sparsity(sparsity)
+        gran, signed = self.granularity, self.criterion.signed
+        current = {t.name: t.mask(self.model) for t in self.targets}
+        if isinstance(gran, NM):
+            return {
+                t.name: gran.keep_mask(self._scores(i, t, stats), current[t.name], t)
+                for i, t in enumerate(self.targets)
+            }
+
+        def group_scores(i: int, t: Target):
+            return lambda: gran.reduce(self._scores(i, t, stats), current[t.name], t, self.group_norm, signed)
+
+        layers = [
+            LayerScores(t.name, t.shape, gran.num_groups(t), group_scores(i, t))
+            for i, t in enumerate(self.targets)
+        ]
+        pruned_groups = self.scope.select(layers, sparsity, self.max_layer_sparsity)
+        new = {}
+        for target, pruned in zip(self.targets, pruned_groups):
+            keep = gran.expand(~pruned, target)
+            old = current[target.name]
+            new[target.name] = keep if old is None else keep & old
+        return new
+
+    def apply(self, new_masks: Mapping[str, Tensor]) -> list[LayerReport]:
+        """Tighten the model's masks; returns per-layer before/after sparsities."""
+        rows = []
+        for target in self.targets:
+            before = _fraction_pruned(target.mask(self.model))
+            after_mask = masking.attach(self.model, target.name, new_masks[target.name])
+            rows.append(LayerReport(target.name, target.shape, target.numel(), before, _fraction_pruned(after_mask)))
+        warn_emptied([(r.name, r.sparsity_after) for r in rows])
+        return rows
+
+    def report(self, sparsity: float | None, rows: list[LayerReport]) -> PruneReport:
+        return PruneReport(self.method_name, self.granularity.name, self.scope_name, sparsity, rows)
+
+
+def _check_cap(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"max_layer_sparsity must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def prune(
+    model: nn.Module,
+    sparsity: float | None = None,
+    method: str | Criterion = "magnitude",
+    granularity: str | Granularity = "element",
+    scope: str | Mapping[str, float] | Scope = "global",
+    targets: Iterable[str | type[nn.Module]] | str | None = None,
+    exclude: Iterable[str] | str = (),
+    data: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    *,
+    group_norm: str = "l1",
+    max_layer_sparsity: float | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place with masks and return a report.
+
+    Args:
+        sparsity: fraction in [0, 1) of the targets' entries (or groups) to prune, counting what is
+            already pruned; nothing pruned comes back. Fixed by the pattern for N:M granularities.
+        method: scoring criterion, e.g. ``"magnitude"``, ``"random"``, ``"taylor"``, ``"obd"``
+            (``prunekit methods`` lists all).
+        granularity: ``"element"``, ``"vector"``, ``"column"``, ``"kernel"``, ``"channel"`` or ``"N:M"``
+            such as ``"2:4"``.
+        scope: ``"global"``, ``"local"``, ``"lamp"``, ``"erk"``, or ``{layer pattern: sparsity}``.
+        targets: module types, or module/parameter names or globs; default every Linear and conv weight.
+        exclude: module or parameter names or globs left alone.
+        data, loss_fn: calibration batches ``(inputs, labels)`` and a loss (cross-entropy by default)
+            for data-driven criteria.
+        group_norm: how element scores reduce to group scores, ``"l1"`` or ``"l2"``.
+        max_layer_sparsity: no layer is pruned beyond this fraction.
+        seed: seed of the ``random`` criterion.
+        max_batches: use at most this many batches of ``data``.
+
+    Raises before changing anything when a name, target, shape or value is invalid.
+    """
+    spec = PruningSpec(model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
+    sparsity = spec.check_sparsity(sparsity)
+    stats = spec.statistics(data, loss_fn, max_batches)
+    with torch.no_grad():
+        new_masks = spec.compute_masks(sparsity, stats)
+        rows = spec.apply(new_masks)
+    return spec.report(sparsity, rows)

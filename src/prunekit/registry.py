@@ -1,0 +1,63 @@
+"""Registries: every method, granularity, scope and schedule is found by a short lowercase name.
+
+The recipe, the CLI and the Python API all resolve names here, so they say the same thing in the same
+words, and an unknown name gets the same helpful error everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection of entries, each with a one-line description."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, tuple[T, str]] = {}
+
+    def register(self, name: str, summary: str) -> Callable[[T], T]:
+        """Decorator: ``@REGISTRY.register("name", "one line")``."""
+
+        def add(entry: T) -> T:
+            self.add(name, entry, summary)
+            return entry
+
+        return add
+
+    def add(self, name: str, entry: T, summary: str) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = (entry, summary)
+
+    def get(self, name: str) -> T:
+        """The entry called ``name``; an unknown name raises ``ValueError`` with the closest names."""
+        if not isinstance(name, str):
+            raise TypeError(f"{self.kind} must be given by name (a string), got {type(name).__name__}")
+        key = name.strip().lower()
+        if key not in self._entries:
+            raise ValueError(unknown_name_message(self.kind, name, self._entries))
+        return self._entries[key][0]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.strip().lower() in self._entries
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(name, one-line description) pairs, in registration order."""
+        for name, (_, summary) in self._entries.items():
+            yield name, summary
+
+
+def unknown_name_message(kind: str, name: str, known) -> str:
+    """``unknown method 'magnitud'; did you mean 'magnitude'? (known: ...)``"""
+    known = list(known)
+    close = difflib.get_close_matches(str(name).lower(), known, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} (known: {', '.join(known)})"

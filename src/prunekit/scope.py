@@ -1,0 +1,294 @@
+"""Where the budget goes: how many groups each target loses.
+
+Every scope ends in the same primitive: prune the ``k`` lowest scores, ties broken by (target order,
+flat index), so results are deterministic. Global selection never concatenates the scores: it finds the
+exact k-th smallest score with a two-pass radix select over 16-bit histograms of the scores' order-
+preserving integer keys, one target (and one chunk) at a time. Extra memory is one target's scores plus a
+chunk of keys, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .granularity import num_to_prune
+from .registry import Registry
+
+__all__ = ["LayerScores", "Cut", "SCOPES", "get_scope", "kth_cut", "erk_sparsities", "lamp_scores"]
+
+_CHUNK = 1 << 22  # elements per chunk when computing keys: bounds temporary memory
+_BINS = 1 << 16
+_INT32_MIN = -(1 << 31)
+
+
+@dataclass
+class LayerScores:
+    """One target as the scope sees it: a name, its shape, and a way to (re)compute its group scores."""
+
+    name: str
+    shape: tuple[int, ...]
+    num_groups: int
+    scores: Callable[[], Tensor]  # 1-D float group scores, -inf for groups already pruned
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Prune every score whose key is below ``key``, plus the first ``ties`` scores equal to it."""
+
+    key: int
+    ties: int
+
+    def prune_mask(self, scores: Tensor) -> Tensor:
+        keys = order_keys(scores)
+        prune = keys < self.key
+        if self.ties:
+            equal = (keys == self.key).nonzero().flatten()[: self.ties]
+            prune[equal] = True
+        return prune
+
+
+NOTHING = Cut(_INT32_MIN, 0)
+
+
+def order_keys(scores: Tensor) -> Tensor:
+    """Map float scores to int32 keys with the same order (the IEEE-754 sign-magnitude trick)."""
+    x = scores.detach().reshape(-1).to(torch.float32) + 0.0  # -0.0 -> +0.0
+    if torch.isnan(x).any():
+        raise ValueError("pruning scores contain NaN (check the weights and the calibration loss)")
+    bits = x.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _chunks(scores: Tensor):
+    flat = scores.reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        yield order_keys(flat[start : start + _CHUNK])
+
+
+def _first_reaching(hist: Tensor, k: int) -> tuple[int, int]:
+    """(bin where the cumulative count first reaches k, count strictly before that bin)."""
+    cum = hist.cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype)).item())
+    return b, int(cum[b - 1]) if b else 0
+
+
+def kth_cut(layers: Sequence[LayerScores], k: int) -> list[Cut]:
+    """Per-layer cuts that prune exactly the ``k`` lowest scores over all ``layers`` together."""
+    if k <= 0:
+        return [NOTHING] * len(layers)
+    total = sum(layer.num_groups for layer in layers)
+    if k > total:
+        raise ValueError(f"cannot prune {k} of {total} groups")
+    high = torch.zeros(_BINS, dtype=torch.int64)
+    for layer in layers:
+        for keys in _chunks(layer.scores()):
+            high += torch.bincount(((keys >> 16) + (_BINS // 2)).long(), minlength=_BINS).cpu()
+    hb, below = _first_reaching(high, k)
+    low = torch.zeros(_BINS, dtype=torch.int64)
+    for layer in layers:
+        for keys in _chunks(layer.scores()):
+            hit = keys[((keys >> 16) + (_BINS // 2)) == hb]
+            if hit.numel():
+                low += torch.bincount((hit & 0xFFFF).long(), minlength=_BINS).cpu()
+    lb, below_low = _first_reaching(low, k - below)
+    key = ((hb - _BINS // 2) << 16) | lb
+    ties_left = k - below - below_low
+    if len(layers) == 1:
+        return [Cut(key, ties_left)]
+    cuts = []
+    for layer in layers:  # hand the ties out in layer order
+        equal = sum(int((keys == key).sum()) for keys in _chunks(layer.scores())) if ties_left else 0
+        take = min(equal, ties_left)
+        ties_left -= take
+        cuts.append(Cut(key, take))
+    return cuts
+
+
+def count_pruned(layer: LayerScores, cut: Cut) -> int:
+    scores = layer.scores().reshape(-1)
+    less = sum(int((keys < cut.key).sum()) for keys in _chunks(scores))
+    return less + cut.ties
+
+
+# --- allocation rules -------------------------------------------------------------------------
+
+
+def _local(layers: Sequence[LayerScores], sparsities: Sequence[float]) -> list[Cut]:
+    return [kth_cut([layer], num_to_prune(s, layer.num_groups))[0] for layer, s in zip(layers, sparsities)]
+
+
+def _global(layers: Sequence[LayerScores], sparsity: float, cap: float | None) -> list[Cut]:
+    """One threshold over all layers; layers that would exceed ``cap`` are held at it and the rest of
+    the budget is re-ranked among the others."""
+    total = sum(layer.num_groups for layer in layers)
+    k = num_to_prune(sparsity, total)
+    if cap is None:
+        return kth_cut(layers, k)
+    fixed: dict[int, Cut] = {}
+    while True:
+        free = [i for i in range(len(layers)) if i not in fixed]
+        budget = k - sum(num_to_prune(cap, layers[i].num_groups) for i in fixed)
+        budget = min(budget, sum(layers[i].num_groups for i in free))
+        cuts = dict(zip(free, kth_cut([layers[i] for i in free], max(budget, 0))))
+        over = [i for i in free if count_pruned(layers[i], cuts[i]) > num_to_prune(cap, layers[i].num_groups)]
+        if not over:
+            if not free and sum(num_to_prune(cap, l.num_groups) for l in layers) < k:
+                warnings.warn(
+                    f"max_layer_sparsity={cap:g} caps every layer: the global sparsity stays below {sparsity:g}",
+                    stacklevel=4,
+                )
+            return [fixed.get(i) or cuts[i] for i in range(len(layers))]
+        for i in over:
+            fixed[i] = kth_cut([layers[i]], num_to_prune(cap, layers[i].num_groups))[0]
+
+
+def erk_sparsities(shapes: Sequence[Sequence[int]], sparsity: float, scale: float = 1.0) -> list[float]:
+    """Erdős–Rényi-Kernel allocation (Evci et al. 2020): density proportional to sum(shape) / prod(shape),
+    scaled to meet the global sparsity; layers that would exceed density 1 stay dense."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = [(sum(s) / math.prod(s)) ** scale for s in shapes]
+    dense: set[int] = set()
+    while True:
+        budget = (1.0 - sparsity) * sum(sizes) - sum(sizes[i] for i in dense)
+        denom = sum(raw[i] * sizes[i] for i in range(len(sizes)) if i not in dense)
+        eps = budget / denom if denom else 0.0
+        newly = {i for i in range(len(sizes)) if i not in dense and eps * raw[i] > 1.0}
+        if not newly:
+            break
+        dense |= newly
+    return [0.0 if i in dense else 1.0 - eps * raw[i] for i in range(len(sizes))]
+
+
+def lamp_scores(scores: Tensor) -> Tensor:
+    """LAMP scores (Lee et al. 2021): w_u^2 / sum_{v >= u} w_v^2 over the layer's sorted kept scores.
+    The largest score of every layer gets 1, so global LAMP never empties a layer. Pruned entries stay -inf."""
+    flat = scores.reshape(-1)
+    kept = torch.isfinite(flat)
+    values = flat[kept].to(torch.float64)
+    ordered, order = torch.sort(values.abs(), stable=True)
+    sq = ordered.square()
+    suffix = sq.flip(0).cumsum(0).flip(0)
+    lamp_sorted = torch.where(suffix > 0, sq / suffix, torch.zeros_like(sq))
+    lamp = torch.empty_like(values)
+    lamp[order] = lamp_sorted
+    out = torch.full_like(flat, float("-inf"))
+    out[kept] = lamp.to(flat.dtype)
+    return out.reshape(scores.shape)
+
+
+class Scope:
+    """Base: turns layers and a sparsity into per-layer decisions of which groups go."""
+
+    def ranked(self, layers: Sequence[LayerScores]) -> Sequence[LayerScores]:
+        """The scores this scope ranks by (the criterion's own, unless the scope transforms them)."""
+        return layers
+
+    def cuts(self, layers: Sequence[LayerScores], sparsity: float, cap: float | None) -> list[Cut]:
+        raise NotImplementedError
+
+    def select(self, layers: Sequence[LayerScores], sparsity: float | None, cap: float | None) -> list[Tensor]:
+        """Per layer, a bool tensor over its groups: ``True`` = prune."""
+        ranked = self.ranked(layers)
+        cuts = self.cuts(ranked, sparsity, cap)
+        return [cut.prune_mask(layer.scores()) for layer, cut in zip(ranked, cuts)]
+
+
+class Local(Scope):
+    def cuts(self, layers, sparsity, cap):
+        return _local(layers, [min(sparsity, cap) if cap is not None else sparsity] * len(layers))
+
+
+class Global(Scope):
+    def cuts(self, layers, sparsity, cap):
+        return _global(layers, sparsity, cap)
+
+
+class Lamp(Scope):
+    def ranked(self, layers):
+        # LAMP scores need a sort per layer: compute them once, then rank them globally.
+        return [LayerScores(l.name, l.shape, l.num_groups, (lambda s=lamp_scores(l.scores()): s)) for l in layers]
+
+    def cuts(self, layers, sparsity, cap):
+        return _global(layers, sparsity, cap)
+
+
+class Erk(Scope):
+    def cuts(self, layers, sparsity, cap):
+        per_layer = erk_sparsities([l.shape for l in layers], sparsity)
+        if cap is not None:
+            per_layer = [min(s, cap) for s in per_layer]
+        return _local(layers, per_layer)
+
+
+class PerLayer(Scope):
+    """Explicit sparsities: ``{"name or glob": sparsity}``; the first matching pattern wins, targets
+    that match none get ``default`` (or stay as they are when it is None)."""
+
+    def __init__(self, table: Mapping[str, float]) -> None:
+        from .targets import _matches
+
+        self._matches = _matches
+        self.table = dict(table)
+        for pattern, value in self.table.items():
+            check_sparsity(value, f"scope[{pattern!r}]")
+
+    def sparsities(self, names: Sequence[str], default: float | None) -> list[float]:
+        used = set()
+        out = []
+        for name in names:
+            module = name.rpartition(".")[0]
+            hit = next((p for p in self.table if self._matches(name, p) or self._matches(module, p)), None)
+            if hit is not None:
+                used.add(hit)
+            out.append(self.table[hit] if hit is not None else (default or 0.0))
+        unused = [p for p in self.table if p not in used]
+        if unused:
+            raise ValueError(f"per-layer scope: {', '.join(map(repr, unused))} matches none of the targets")
+        return out
+
+    def cuts(self, layers, sparsity, cap):
+        per_layer = self.sparsities([l.name for l in layers], sparsity)
+        if cap is not None:
+            per_layer = [min(s, cap) for s in per_layer]
+        return _local(layers, per_layer)
+
+
+SCOPES: Registry[type[Scope]] = Registry("scope")
+SCOPES.add("global", Global, "one threshold over all targets (exact, memory-light radix select)")
+SCOPES.add("local", Local, "every target to the same sparsity (uniform)")
+SCOPES.add("lamp", Lamp, "global ranking of layer-adaptive magnitude scores (Lee et al. 2021)")
+SCOPES.add("erk", Erk, "Erdős–Rényi-Kernel per-layer densities, prop. to sum(shape)/prod(shape) (Evci et al. 2020)")
+
+
+def get_scope(scope: str | Mapping[str, float] | Scope) -> Scope:
+    """A scope from its name, or a ``{layer pattern: sparsity}`` dict."""
+    if isinstance(scope, Scope):
+        return scope
+    if isinstance(scope, Mapping):
+        return PerLayer(scope)
+    return SCOPES.get(scope)()
+
+
+def check_sparsity(value, what: str = "sparsity") -> float:
+    """Validate a sparsity: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number in [0, 1), got {value!r}")
+    if not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"{what} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def warn_emptied(names_and_fractions: Sequence[tuple[str, float]]) -> None:
+    emptied = [name for name, fraction in names_and_fractions if fraction >= 1.0]
+    if emptied:
+        warnings.warn(
+            f"pruned to 100%: {', '.join(emptied)} (these layers now output only their bias); "
+            "pass max_layer_sparsity=... to cap every layer",
+            stacklevel=3,
+        )

@@ -64,11 +64,10 @@ def test_digits_split_is_disjoint_and_complete():
         return [tuple(r) for r in torch.column_stack([x.double(), y.double()]).tolist()]
 
     train, test = data.digits()
-    # train + test is exactly the dataset as a multiset of (pixels, label) rows: each sample is in
-    # exactly one split (the dataset has a few duplicated images, so compare multisets, not sets)
+    assert len(set(full)) == len(full)  # the digits have no duplicated (image, label) rows
+    # train + test is exactly the dataset, and no sample is in both splits
     assert sorted(rows(train) + rows(test)) == full
-    n_duplicates = len(full) - len(set(full))
-    assert len(set(rows(train)) & set(rows(test))) <= n_duplicates
+    assert not set(rows(train)) & set(rows(test))
 
 
 def test_digits_returns_fresh_tensors():

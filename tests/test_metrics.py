@@ -296,3 +296,19 @@ def test_format_helpers():
     assert format_bytes(100) == "100 B"
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(5 * 1024**2) == "5.0 MiB"
+
+
+def test_transformer_fast_path_is_counted():
+    """In eval mode under no_grad, TransformerEncoderLayer takes a fused path FlopCounterMode can't see."""
+    model, x = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), torch.randn(2, 5, 16)
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        expected = reference_flops(model, x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert metrics.flops(model, x) == (expected, expected) and expected > 0
+    assert torch.backends.mha.get_fastpath_enabled()
+    masking.attach(model, "linear1.weight", half_mask((32, 16)))
+    dense, remaining = metrics.flops(model, x)
+    assert dense - remaining == 2 * 10 * 16 * 32 // 2

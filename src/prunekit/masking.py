@@ -145,13 +145,14 @@ def _owners_of(model: nn.Module, qualified_name: str) -> list[Owner]:
     return parameter_owners(model)[id(param)]
 
 
-def attach(model: nn.Module, qualified_name: str, mask: Tensor) -> Tensor:
+def attach(model: nn.Module, qualified_name: str, mask: Tensor, *, copy: bool = True) -> Tensor:
     """Attach ``mask`` to the parameter ``qualified_name``, or tighten the mask it already has.
 
     The new mask is the logical AND of the old one and ``mask``: nothing pruned comes back. Pruned
     entries of the stored parameter are set to zero too, so that the stored values and the computed
     values agree. A parameter tied to several modules gets one shared mask on every owner.
-    Returns the resulting mask.
+    Returns the resulting mask. ``copy=False`` lets a new mask tensor be used as it is (the caller
+    gives up ownership), which saves a copy per layer.
     """
     owners = _owners_of(model, qualified_name)
     first = owners[0]
@@ -165,7 +166,7 @@ def attach(model: nn.Module, qualified_name: str, mask: Tensor) -> Tensor:
     mask = mask.to(device=param.device, dtype=torch.bool)
     existing = next((m for o in owners if (m := _mask_module(o.module, o.param_name)) is not None), None)
     if existing is None:
-        existing = PruningMask(mask.clone())
+        existing = PruningMask(mask.clone() if copy else mask.contiguous())
     else:
         existing.mask.logical_and_(mask)
     for owner in owners:
@@ -173,7 +174,7 @@ def attach(model: nn.Module, qualified_name: str, mask: Tensor) -> Tensor:
             _own_class(owner.module)
             parametrize.register_parametrization(owner.module, owner.param_name, existing, unsafe=True)
     with torch.no_grad():
-        param.mul_(existing.mask)
+        param.masked_fill_(~existing.mask, 0)
     return existing.mask
 
 

@@ -77,6 +77,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
+@contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    """In eval mode without grad, ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take a
+    fused "fast path" whose kernels ``FlopCounterMode`` cannot see (it would count 0 FLOPs); counting
+    disables it. The maths is the same, so the count is that of the fused path too."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 def _direct_owners(model: nn.Module) -> dict[int, list[masking.Owner]]:
     """``id(module)`` -> the parameters it holds itself (tied ones included, under each holder)."""
     direct: dict[int, list[masking.Owner]] = defaultdict(list)
@@ -115,7 +128,7 @@ def _exclusive_flops(model: nn.Module, counts: dict[str, int]) -> dict[int, int]
 def _flop_breakdown(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, tuple[int, float]]]:
     """Dense FLOPs of the whole forward pass, and ``{module name: (its own dense FLOPs, weight density)}``
     for every module that holds parameters."""
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), _mha_fastpath(False):
         counter = FlopCounterMode(display=False)
         with counter:
             _call(model, example_inputs)
@@ -389,11 +402,11 @@ def _print_summary(rows: list[dict], with_flops: bool) -> None:
     from rich.table import Table
 
     table = Table(title="prunekit summary")
-    table.add_column("Layer", overflow="fold", min_width=min(32, max(len(r["name"]) for r in rows)))
+    table.add_column("Layer", overflow="fold", min_width=min(12, max(len(r["name"]) for r in rows)))
     table.add_column("Type")
     table.add_column("Shape")
     for column in ["Params", "Nonzero", "Sparsity"] + (["FLOPs", "FLOPs left"] if with_flops else []):
-        table.add_column(column, justify="right", no_wrap=True)
+        table.add_column(column, justify="right")
     for i, row in enumerate(rows):
         cells = [
             row["name"],

@@ -173,13 +173,13 @@ class PruningSpec:
             return lambda: gran.reduce(self._scores(i, t, stats), current[t.name], t, self.group_norm, signed)
 
         layers = [
-            LayerScores(t.name, t.shape, gran.num_groups(t), group_scores(i, t))
+            LayerScores(t.name, t.shape, gran.num_groups(t), group_scores(i, t), t.parameter.device)
             for i, t in enumerate(self.targets)
         ]
         pruned_groups = self.scope.select(layers, sparsity, self.max_layer_sparsity)
         new = {}
         for target, pruned in zip(self.targets, pruned_groups):
-            keep = gran.expand(~pruned, target)
+            keep = gran.expand(pruned.logical_not_(), target)
             old = current[target.name]
             new[target.name] = keep if old is None else keep & old
         return new
@@ -189,7 +189,7 @@ class PruningSpec:
         rows = []
         for target in self.targets:
             before = _fraction_pruned(target.mask(self.model))
-            after_mask = masking.attach(self.model, target.name, new_masks[target.name])
+            after_mask = masking.attach(self.model, target.name, new_masks[target.name], copy=False)
             rows.append(LayerReport(target.name, target.shape, target.numel(), before, _fraction_pruned(after_mask)))
         warn_emptied([(r.name, r.sparsity_after) for r in rows])
         return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from .registry import Registry
 
 __all__ = ["LayerScores", "Cut", "SCOPES", "get_scope", "kth_cut", "erk_sparsities", "lamp_scores"]
 
-_CHUNK = 1 << 22  # elements per chunk when computing keys: bounds temporary memory
+_CHUNK = 1 << 18  # elements per chunk when computing keys: bounds temporary memory
 _BINS = 1 << 16
 _INT32_MIN = -(1 << 31)
 
@@ -35,6 +35,7 @@ class LayerScores:
     shape: tuple[int, ...]
     num_groups: int
     scores: Callable[[], Tensor]  # 1-D float group scores, -inf for groups already pruned
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,20 @@ class Cut:
     key: int
     ties: int
 
-    def prune_mask(self, scores: Tensor) -> Tensor:
-        keys = order_keys(scores)
-        prune = keys < self.key
-        if self.ties:
-            equal = (keys == self.key).nonzero().flatten()[: self.ties]
-            prune[equal] = True
+    def prune_mask(self, layer: LayerScores) -> Tensor:
+        """The layer's decision (``True`` = prune), written into a tensor allocated *before* the scores
+        are computed: the scores' memory is then freed at the top of the heap and reused by the next
+        layer, instead of leaving a hole below each long-lived mask."""
+        prune = torch.empty(layer.num_groups, dtype=torch.bool, device=layer.device)
+        flat = layer.scores().reshape(-1)
+        ties_left = self.ties
+        for start, keys in _chunks(flat):
+            part = prune[start : start + keys.numel()]
+            torch.lt(keys, self.key, out=part)
+            if ties_left:
+                equal = (keys == self.key).nonzero().flatten()[:ties_left]
+                part[equal] = True
+                ties_left -= equal.numel()
         return prune
 
 
@@ -66,9 +75,10 @@ def order_keys(scores: Tensor) -> Tensor:
 
 
 def _chunks(scores: Tensor):
+    """(offset, keys) for consecutive chunks of the flattened scores."""
     flat = scores.reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
-        yield order_keys(flat[start : start + _CHUNK])
+        yield start, order_keys(flat[start : start + _CHUNK])
 
 
 def _first_reaching(hist: Tensor, k: int) -> tuple[int, int]:
@@ -87,12 +97,12 @@ def kth_cut(layers: Sequence[LayerScores], k: int) -> list[Cut]:
         raise ValueError(f"cannot prune {k} of {total} groups")
     high = torch.zeros(_BINS, dtype=torch.int64)
     for layer in layers:
-        for keys in _chunks(layer.scores()):
+        for _, keys in _chunks(layer.scores()):
             high += torch.bincount(((keys >> 16) + (_BINS // 2)).long(), minlength=_BINS).cpu()
     hb, below = _first_reaching(high, k)
     low = torch.zeros(_BINS, dtype=torch.int64)
     for layer in layers:
-        for keys in _chunks(layer.scores()):
+        for _, keys in _chunks(layer.scores()):
             hit = keys[((keys >> 16) + (_BINS // 2)) == hb]
             if hit.numel():
                 low += torch.bincount((hit & 0xFFFF).long(), minlength=_BINS).cpu()
@@ -103,7 +113,7 @@ def kth_cut(layers: Sequence[LayerScores], k: int) -> list[Cut]:
         return [Cut(key, ties_left)]
     cuts = []
     for layer in layers:  # hand the ties out in layer order
-        equal = sum(int((keys == key).sum()) for keys in _chunks(layer.scores())) if ties_left else 0
+        equal = sum(int((keys == key).sum()) for _, keys in _chunks(layer.scores())) if ties_left else 0
         take = min(equal, ties_left)
         ties_left -= take
         cuts.append(Cut(key, take))
@@ -112,15 +122,23 @@ def kth_cut(layers: Sequence[LayerScores], k: int) -> list[Cut]:
 
 def count_pruned(layer: LayerScores, cut: Cut) -> int:
     scores = layer.scores().reshape(-1)
-    less = sum(int((keys < cut.key).sum()) for keys in _chunks(scores))
+    less = sum(int((keys < cut.key).sum()) for _, keys in _chunks(scores))
     return less + cut.ties
 
 
 # --- allocation rules -------------------------------------------------------------------------
 
 
-def _local(layers: Sequence[LayerScores], sparsities: Sequence[float]) -> list[Cut]:
-    return [kth_cut([layer], num_to_prune(s, layer.num_groups))[0] for layer, s in zip(layers, sparsities)]
+def cap_count(cap: float | None, total: int) -> int:
+    """The most of ``total`` groups a layer may lose under ``max_layer_sparsity`` (rounded down)."""
+    return total if cap is None else math.floor(cap * total + 1e-9)
+
+
+def _local(layers: Sequence[LayerScores], sparsities: Sequence[float], cap: float | None) -> list[Cut]:
+    return [
+        kth_cut([layer], min(num_to_prune(s, layer.num_groups), cap_count(cap, layer.num_groups)))[0]
+        for layer, s in zip(layers, sparsities)
+    ]
 
 
 def _global(layers: Sequence[LayerScores], sparsity: float, cap: float | None) -> list[Cut]:
@@ -133,19 +151,19 @@ def _global(layers: Sequence[LayerScores], sparsity: float, cap: float | None) -
     fixed: dict[int, Cut] = {}
     while True:
         free = [i for i in range(len(layers)) if i not in fixed]
-        budget = k - sum(num_to_prune(cap, layers[i].num_groups) for i in fixed)
+        budget = k - sum(cap_count(cap, layers[i].num_groups) for i in fixed)
         budget = min(budget, sum(layers[i].num_groups for i in free))
         cuts = dict(zip(free, kth_cut([layers[i] for i in free], max(budget, 0))))
-        over = [i for i in free if count_pruned(layers[i], cuts[i]) > num_to_prune(cap, layers[i].num_groups)]
+        over = [i for i in free if count_pruned(layers[i], cuts[i]) > cap_count(cap, layers[i].num_groups)]
         if not over:
-            if not free and sum(num_to_prune(cap, l.num_groups) for l in layers) < k:
+            if not free and sum(cap_count(cap, l.num_groups) for l in layers) < k:
                 warnings.warn(
                     f"max_layer_sparsity={cap:g} caps every layer: the global sparsity stays below {sparsity:g}",
                     stacklevel=4,
                 )
             return [fixed.get(i) or cuts[i] for i in range(len(layers))]
         for i in over:
-            fixed[i] = kth_cut([layers[i]], num_to_prune(cap, layers[i].num_groups))[0]
+            fixed[i] = kth_cut([layers[i]], cap_count(cap, layers[i].num_groups))[0]
 
 
 def erk_sparsities(shapes: Sequence[Sequence[int]], sparsity: float, scale: float = 1.0) -> list[float]:
@@ -192,16 +210,18 @@ class Scope:
     def cuts(self, layers: Sequence[LayerScores], sparsity: float, cap: float | None) -> list[Cut]:
         raise NotImplementedError
 
-    def select(self, layers: Sequence[LayerScores], sparsity: float | None, cap: float | None) -> list[Tensor]:
-        """Per layer, a bool tensor over its groups: ``True`` = prune."""
+    def select(self, layers: Sequence[LayerScores], sparsity: float | None, cap: float | None) -> Iterator[Tensor]:
+        """Per layer in turn, a bool tensor over its groups: ``True`` = prune. Lazy, so that only one
+        layer's decision is alive at a time."""
         ranked = self.ranked(layers)
         cuts = self.cuts(ranked, sparsity, cap)
-        return [cut.prune_mask(layer.scores()) for layer, cut in zip(ranked, cuts)]
+        for layer, cut in zip(ranked, cuts):
+            yield cut.prune_mask(layer)
 
 
 class Local(Scope):
     def cuts(self, layers, sparsity, cap):
-        return _local(layers, [min(sparsity, cap) if cap is not None else sparsity] * len(layers))
+        return _local(layers, [sparsity] * len(layers), cap)
 
 
 class Global(Scope):
@@ -212,7 +232,10 @@ class Global(Scope):
 class Lamp(Scope):
     def ranked(self, layers):
         # LAMP scores need a sort per layer: compute them once, then rank them globally.
-        return [LayerScores(l.name, l.shape, l.num_groups, (lambda s=lamp_scores(l.scores()): s)) for l in layers]
+        return [
+            LayerScores(l.name, l.shape, l.num_groups, (lambda s=lamp_scores(l.scores()): s), l.device)
+            for l in layers
+        ]
 
     def cuts(self, layers, sparsity, cap):
         return _global(layers, sparsity, cap)
@@ -220,10 +243,7 @@ class Lamp(Scope):
 
 class Erk(Scope):
     def cuts(self, layers, sparsity, cap):
-        per_layer = erk_sparsities([l.shape for l in layers], sparsity)
-        if cap is not None:
-            per_layer = [min(s, cap) for s in per_layer]
-        return _local(layers, per_layer)
+        return _local(layers, erk_sparsities([l.shape for l in layers], sparsity), cap)
 
 
 class PerLayer(Scope):
@@ -253,10 +273,7 @@ class PerLayer(Scope):
         return out
 
     def cuts(self, layers, sparsity, cap):
-        per_layer = self.sparsities([l.name for l in layers], sparsity)
-        if cap is not None:
-            per_layer = [min(s, cap) for s in per_layer]
-        return _local(layers, per_layer)
+        return _local(layers, self.sparsities([l.name for l in layers], sparsity), cap)
 
 
 SCOPES: Registry[type[Scope]] = Registry("scope")

@@ -82,8 +82,8 @@ def resolve_targets(
     """Turn ``targets`` and ``exclude`` into the list of parameters to prune, in model order.
 
     ``targets=None`` means the weight of every Linear and convolution. Otherwise each entry is a module
-    type, or a name or glob pattern of modules (their ``weight`` is taken) or of parameters
-    (``"fc1.bias"``). ``exclude`` takes module or parameter names or globs. Every pattern must match
+    type, or a name or glob pattern of modules (their ``weight`` is taken; a module name covers the
+    modules inside it), or, when it names no module, of parameters (``"fc1.bias"``). ``exclude`` takes module or parameter names or globs. Every pattern must match
     something; integer parameters, and frozen ones when ``require_trainable``, are rejected.
     """
     owners = parameter_owners(model)
@@ -124,13 +124,13 @@ def resolve_targets(
                 label = pattern.__name__
             else:
                 label = repr(pattern)
-                found = [aliases[n] for n in aliases if fnmatch.fnmatchcase(n, pattern) or n == pattern]
+                # Modules first (their weight); a pattern naming no module may name parameters.
+                for n in modules:
+                    name = f"{n}.weight" if n else "weight"
+                    if _matches(n, pattern) and name in aliases:
+                        found.append(aliases[name])
                 if not found:
-                    for n in modules:
-                        if _matches(n, pattern):
-                            name = f"{n}.weight" if n else "weight"
-                            if name in aliases:
-                                found.append(aliases[name])
+                    found = [aliases[n] for n in aliases if n == pattern or fnmatch.fnmatchcase(n, pattern)]
             if not found:
                 raise ValueError(f"target {label} matches no parameter or module with a weight")
             chosen.update(dict.fromkeys(found))

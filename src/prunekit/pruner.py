@@ -52,10 +52,7 @@ class Pruner:
             raise TypeError(f"schedule must be a prunekit schedule (OneShot, Iterative, AGP), got {schedule!r}")
         self.spec = PruningSpec(model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
         self.schedule = schedule
-        if isinstance(self.spec.granularity, NM):
-            self.spec.check_sparsity(None)
-        else:
-            self.spec.check_sparsity(schedule.final)
+        self.spec.check_sparsity(schedule.final)  # N:M: the schedule must say the pattern's sparsity
         self.data, self.loss_fn, self.max_batches = data, loss_fn, max_batches
         self.step_count = 0
         self.history: list[PruneReport] = []

@@ -275,7 +275,9 @@ def markdown(result: dict) -> str:
         f"Model: MLP of {cfg['layers']} Linear layers (width {cfg['width']}, mixed shapes), "
         f"{cfg['numel'] / 1e6:.1f}M weights = {cfg['weight_mb']:.0f} MB of float32; "
         f"{cfg['repeats']} fresh process(es) per method and sparsity, {cfg['threads']} thread(s), "
-        f"torch {env['torch']}, {env['cpu']} ({env['cpus']} CPUs), {env['date']}.",
+        f"torch {env['torch']}, {env['cpu']} ({env['cpus']} CPUs), {env['date']}, prunekit at "
+        f"{env['prunekit_commit']}" + (" with local changes in " + ", ".join(env["prunekit_modified"])
+                                      if env["prunekit_modified"] else "") + ".",
         "",
         "Wall time: the pruning call alone, median (best) over the processes. Peak extra memory: peak RSS "
         "during the call minus RSS just before it"
@@ -328,6 +330,7 @@ def main(argv=None) -> dict:
         if not 0.0 < s < 1.0:
             raise SystemExit(f"--sparsity must be in (0, 1), got {s}")
     ctx = mp.get_context(args.start_method)
+    source = _source_state()  # children fork from this process: they run the code imported above
     width, shapes = layer_shapes(args.params)
     numel = sum(o * i for o, i in shapes)
     weight_bytes = numel * 4
@@ -390,6 +393,8 @@ def main(argv=None) -> dict:
             "cpu": _cpu_name(),
             "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"),
+            "prunekit_commit": source["commit"],
+            "prunekit_modified": source["modified"],
         },
         "methods": METHODS,
         "sparsities": args.sparsity,
@@ -411,6 +416,20 @@ def main(argv=None) -> dict:
         print("MASKS DIFFER: " + "; ".join(problems), file=sys.stderr)
         raise SystemExit(1)
     return result
+
+
+def _source_state() -> dict:
+    """The commit and the locally modified files of src/ that were measured (read-only git calls)."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.rstrip("\n")
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
+            "modified": [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]}
 
 
 def _cpu_name() -> str:

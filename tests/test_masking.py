@@ -173,3 +173,13 @@ def test_to_torch_prune_refuses_tied_weights():
     with pytest.raises(ValueError, match="tied"):
         pk.to_torch_prune(model)
     assert "0.weight" in pk.masks(model)
+
+
+def test_pruning_a_torch_pruned_model_asks_for_conversion_first():
+    model = mlp()
+    torch_prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match="0 is pruned with torch.nn.utils.prune; convert it first"):
+        pk.prune(model, 0.8)
+    pk.from_torch_prune(model)
+    pk.prune(model, 0.8)
+    assert pk.sparsity(model) == round(0.8 * 192) / 192

@@ -117,28 +117,32 @@ def assert_prunes_lowest(mask, scores, fraction):
 
 
 def mean_batch_gradients(model, data):
+    """(weights, mean gradient, mean |gradient|, mean squared gradient) over the batches."""
     params = [m.weight for m in layers(model)]
     sums = [torch.zeros_like(p) for p in params]
+    abs_sums = [torch.zeros_like(p) for p in params]
     sq = [torch.zeros_like(p) for p in params]
     for x, y in data:
         grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
-        for s, q, g in zip(sums, sq, grads):
+        for s, a, q, g in zip(sums, abs_sums, sq, grads):
             s += g
+            a += g.abs()
             q += g * g
-    return params, [s / len(data) for s in sums], [q / len(data) for q in sq]
+    n = len(data)
+    return params, [s / n for s in sums], [a / n for a in abs_sums], [q / n for q in sq]
 
 
 @pytest.mark.parametrize("method", ["gradient", "taylor", "obd"])
 def test_gradient_criteria_follow_their_formulas(method):
     model = convnet()
     data = batches()
-    params, grads, fisher = mean_batch_gradients(model, data)
+    params, _, abs_grads, fisher = mean_batch_gradients(model, data)
     formula = {
-        "gradient": lambda w, g, f: g.abs(),
-        "taylor": lambda w, g, f: (w * g).abs(),
-        "obd": lambda w, g, f: 0.5 * f * w * w,
+        "gradient": lambda w, g, f: g,  # mean over batches of |g_b|
+        "taylor": lambda w, g, f: w.abs() * g,  # mean over batches of |w g_b|
+        "obd": lambda w, g, f: 0.5 * f * w * w,  # 1/2 h_ii w^2, h_ii = mean g_b^2
     }[method]
-    expected_scores = [formula(w.detach(), g, f) for w, g, f in zip(params, grads, fisher)]
+    expected_scores = [formula(w.detach(), g, f) for w, g, f in zip(params, abs_grads, fisher)]
     pk.prune(model, 0.6, method=method, scope="local", data=data)
     for mask, scores in zip(pk.masks(model).values(), expected_scores):
         assert_prunes_lowest(mask, scores, 0.6)
@@ -147,7 +151,7 @@ def test_gradient_criteria_follow_their_formulas(method):
 def test_movement_scores_are_minus_w_g_summed():
     model = convnet()
     data = batches(2)
-    params, grads, _ = mean_batch_gradients(model, data)
+    params, grads, _, _ = mean_batch_gradients(model, data)
     expected = [-(w.detach() * g) * len(data) for w, g in zip(params, grads)]
     pk.prune(model, 0.5, method="movement", scope="local", data=data)
     for mask, scores in zip(pk.masks(model).values(), expected):
@@ -374,3 +378,12 @@ def test_global_selection_memory_stays_below_a_quarter_of_the_targets():
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert float(out.stdout.strip()) < 0.25
+
+
+def test_nan_weights_are_reported_not_ranked():
+    model = convnet()
+    with torch.no_grad():
+        layers(model)[1].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        pk.prune(model, 0.5)
+    assert pk.masks(model) == {}

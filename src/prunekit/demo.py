@@ -53,7 +53,7 @@ class DemoConfig:
     batch_size: int = 64
     #: training batches used to score data-driven methods (taylor)
     calibration_batches: int = 4
-    latency_repeats: int = 10
+    latency_repeats: int = 30
     #: torch threads while the demo runs: the model is tiny, so one thread beats several
     threads: int = 1
     seed: int = 0
@@ -303,11 +303,16 @@ def demo(
     seed: int = 0,
     progress: bool = True,
     console: Any = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """What ``prunekit demo`` does: run, print the table, write the files. Returns the results, with
     ``"files"`` (the paths written) added."""
     report.require_matplotlib()  # fail before training, not after
-    config = DemoConfig.quick(seed) if quick else replace(DemoConfig(), seed=seed)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out: {out_dir} exists and is not a folder")
+    config = replace(DemoConfig.quick(seed) if quick else DemoConfig(seed=seed), threads=threads)
     results = run_demo(config, progress=progress, console=console)
     print_results(results, console)
     files = write_outputs(results, out_dir)

@@ -15,7 +15,7 @@ of the public API, and a submodule of the same name would shadow it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -52,7 +52,7 @@ class PruningMask(nn.Module):
         return original * self.mask
 
     def extra_repr(self) -> str:
-        kept = int(self.mask.sum())
+        kept = int(self.mask.count_nonzero())
         return f"shape={tuple(self.mask.shape)}, kept={kept}/{self.mask.numel()}"
 
 
@@ -135,7 +135,9 @@ def parameter_owners(model: nn.Module) -> dict[int, list[Owner]]:
     return owners
 
 
-def _owners_of(model: nn.Module, qualified_name: str) -> list[Owner]:
+def _owners_of(model: nn.Module, qualified_name: str, owners: Sequence[Owner] | None = None) -> Sequence[Owner]:
+    if owners is not None:  # already looked up by the caller (saves a walk over the model per layer)
+        return owners
     module_name, _, pname = qualified_name.rpartition(".")
     try:
         module = model.get_submodule(module_name) if module_name else model
@@ -145,16 +147,24 @@ def _owners_of(model: nn.Module, qualified_name: str) -> list[Owner]:
     return parameter_owners(model)[id(param)]
 
 
-def attach(model: nn.Module, qualified_name: str, mask: Tensor, *, copy: bool = True) -> Tensor:
+def attach(
+    model: nn.Module,
+    qualified_name: str,
+    mask: Tensor,
+    *,
+    copy: bool = True,
+    owners: Sequence[Owner] | None = None,
+) -> Tensor:
     """Attach ``mask`` to the parameter ``qualified_name``, or tighten the mask it already has.
 
     The new mask is the logical AND of the old one and ``mask``: nothing pruned comes back. Pruned
     entries of the stored parameter are set to zero too, so that the stored values and the computed
     values agree. A parameter tied to several modules gets one shared mask on every owner.
     Returns the resulting mask. ``copy=False`` lets a new mask tensor be used as it is (the caller
-    gives up ownership), which saves a copy per layer.
+    gives up ownership), which saves a copy per layer; ``owners`` may pass the parameter's owners when
+    the caller already knows them.
     """
-    owners = _owners_of(model, qualified_name)
+    owners = _owners_of(model, qualified_name, owners)
     first = owners[0]
     param = raw_parameter(first.module, first.param_name)
     if not param.is_floating_point():
@@ -178,9 +188,9 @@ def attach(model: nn.Module, qualified_name: str, mask: Tensor, *, copy: bool = 
     return existing.mask
 
 
-def get_mask(model: nn.Module, qualified_name: str) -> Tensor | None:
+def get_mask(model: nn.Module, qualified_name: str, owners: Sequence[Owner] | None = None) -> Tensor | None:
     """The mask of one parameter (``True`` = kept), or ``None`` when it has none."""
-    for owner in _owners_of(model, qualified_name):
+    for owner in _owners_of(model, qualified_name, owners):
         found = _mask_module(owner.module, owner.param_name)
         if found is not None:
             return found.mask
@@ -208,11 +218,11 @@ def sparsity(model: nn.Module, per_layer: bool = False) -> float | dict[str, flo
     """Fraction of masked entries that are pruned, over all masked parameters (or per parameter)."""
     found = masks(model)
     if per_layer:
-        return {name: 1.0 - float(m.sum()) / m.numel() for name, m in found.items()}
+        return {name: 1.0 - int(m.count_nonzero()) / m.numel() for name, m in found.items()}
     total = sum(m.numel() for m in found.values())
     if total == 0:
         return 0.0
-    return 1.0 - sum(int(m.sum()) for m in found.values()) / total
+    return 1.0 - sum(int(m.count_nonzero()) for m in found.values()) / total
 
 
 def remove(model: nn.Module, qualified_name: str) -> None:

@@ -70,7 +70,7 @@ class PruneReport:
 
 
 def _fraction_pruned(mask: Tensor | None) -> float:
-    return 0.0 if mask is None else 1.0 - float(mask.sum()) / mask.numel()
+    return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()
 
 
 class PruningSpec:
@@ -189,7 +189,9 @@ class PruningSpec:
         rows = []
         for target in self.targets:
             before = _fraction_pruned(target.mask(self.model))
-            after_mask = masking.attach(self.model, target.name, new_masks[target.name], copy=False)
+            after_mask = masking.attach(
+                self.model, target.name, new_masks[target.name], copy=False, owners=target.owners
+            )
             rows.append(LayerReport(target.name, target.shape, target.numel(), before, _fraction_pruned(after_mask)))
         warn_emptied([(r.name, r.sparsity_after) for r in rows])
         return rows

@@ -189,7 +189,7 @@ def plot_accuracy_vs_sparsity(
 
     xs_all = sorted({x for by_ft in series.values() for pts in by_ft.values() for x, _ in pts})
     logit = all(0.0 < x < 1.0 for x in xs_all)  # spreads out 90%, 95%, 98% ...
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
     try:
         handles = []
         for i, (label, by_ft) in enumerate(series.items()):
@@ -215,7 +215,7 @@ def plot_accuracy_vs_sparsity(
         ax.set_title(title)
         ax.set_ylim(0, 100)
         ax.grid(True, alpha=0.3)
-        ax.legend(handles=handles, fontsize=8, loc="lower left")
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         fig.savefig(path, format="png")
     finally:

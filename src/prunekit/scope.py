@@ -65,20 +65,20 @@ class Cut:
 NOTHING = Cut(_INT32_MIN, 0)
 
 
-def order_keys(scores: Tensor) -> Tensor:
+def order_keys(scores: Tensor, check_nan: bool = False) -> Tensor:
     """Map float scores to int32 keys with the same order (the IEEE-754 sign-magnitude trick)."""
     x = scores.detach().reshape(-1).to(torch.float32) + 0.0  # -0.0 -> +0.0
-    if torch.isnan(x).any():
+    if check_nan and torch.isnan(x).any():
         raise ValueError("pruning scores contain NaN (check the weights and the calibration loss)")
     bits = x.view(torch.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def _chunks(scores: Tensor):
+def _chunks(scores: Tensor, check_nan: bool = False):
     """(offset, keys) for consecutive chunks of the flattened scores."""
     flat = scores.reshape(-1)
     for start in range(0, flat.numel(), _CHUNK):
-        yield start, order_keys(flat[start : start + _CHUNK])
+        yield start, order_keys(flat[start : start + _CHUNK], check_nan)
 
 
 def _first_reaching(hist: Tensor, k: int) -> tuple[int, int]:
@@ -97,7 +97,7 @@ def kth_cut(layers: Sequence[LayerScores], k: int) -> list[Cut]:
         raise ValueError(f"cannot prune {k} of {total} groups")
     high = torch.zeros(_BINS, dtype=torch.int64)
     for layer in layers:
-        for _, keys in _chunks(layer.scores()):
+        for _, keys in _chunks(layer.scores(), check_nan=True):  # the first pass sees every score
             high += torch.bincount(((keys >> 16) + (_BINS // 2)).long(), minlength=_BINS).cpu()
     hb, below = _first_reaching(high, k)
     low = torch.zeros(_BINS, dtype=torch.int64)
@@ -109,11 +109,13 @@ def kth_cut(layers: Sequence[LayerScores], k: int) -> list[Cut]:
     lb, below_low = _first_reaching(low, k - below)
     key = ((hb - _BINS // 2) << 16) | lb
     ties_left = k - below - below_low
+    if ties_left == int(low[lb]):  # every score equal to the k-th goes: no ties to hand out
+        return [Cut(key + 1, 0)] * len(layers)
     if len(layers) == 1:
         return [Cut(key, ties_left)]
     cuts = []
     for layer in layers:  # hand the ties out in layer order
-        equal = sum(int((keys == key).sum()) for _, keys in _chunks(layer.scores())) if ties_left else 0
+        equal = sum(int((keys == key).count_nonzero()) for _, keys in _chunks(layer.scores())) if ties_left else 0
         take = min(equal, ties_left)
         ties_left -= take
         cuts.append(Cut(key, take))
@@ -122,7 +124,7 @@ def kth_cut(layers: Sequence[LayerScores], k: int) -> list[Cut]:
 
 def count_pruned(layer: LayerScores, cut: Cut) -> int:
     scores = layer.scores().reshape(-1)
-    less = sum(int((keys < cut.key).sum()) for _, keys in _chunks(scores))
+    less = sum(int((keys < cut.key).count_nonzero()) for _, keys in _chunks(scores))
     return less + cut.ties
 
 

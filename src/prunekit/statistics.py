@@ -27,14 +27,14 @@ class TargetStatistics:
     """Running sums for one parameter. ``count`` batches have been seen."""
 
     count: int = 0
-    grad_sum: Tensor | None = None  # sum of batch gradients
+    grad_abs_sum: Tensor | None = None  # sum of |batch gradient| (no cancellation between batches)
     grad_sq_sum: Tensor | None = None  # sum of squared batch gradients (diagonal empirical Fisher)
     movement: Tensor | None = None  # sum of -w * g (movement pruning, Sanh et al. 2020)
     extra: dict = field(default_factory=dict)
 
     @property
-    def grad_mean(self) -> Tensor:
-        return self.grad_sum / max(self.count, 1)
+    def grad_abs_mean(self) -> Tensor:
+        return self.grad_abs_sum / max(self.count, 1)
 
     @property
     def fisher_diag(self) -> Tensor:
@@ -44,8 +44,9 @@ class TargetStatistics:
         """Accumulate one batch gradient of this parameter."""
         grad = grad.detach()
         self.count += 1
-        if "grad" in needs:
-            self.grad_sum = grad.clone() if self.grad_sum is None else self.grad_sum.add_(grad)
+        if "grad_abs" in needs:
+            magnitude = grad.abs()
+            self.grad_abs_sum = magnitude if self.grad_abs_sum is None else self.grad_abs_sum.add_(magnitude)
         if "grad_sq" in needs:
             sq = grad.square()
             self.grad_sq_sum = sq if self.grad_sq_sum is None else self.grad_sq_sum.add_(sq)

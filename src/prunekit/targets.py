@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .masking import get_mask, parameter_owners, raw_parameter
+from .masking import Owner, get_mask, parameter_owners, raw_parameter
 
 __all__ = ["Target", "resolve_targets", "default_target_modules"]
 
@@ -26,6 +26,7 @@ class Target:
     param_name: str
     out_dim: int  # the dimension indexing output units (filters, neurons)
     in_dim: int  # the dimension indexing input units (channels, features)
+    owners: tuple[Owner, ...] = ()  # every (module, attribute) holding the parameter (tied weights)
 
     @property
     def parameter(self) -> nn.Parameter:
@@ -45,7 +46,7 @@ class Target:
         return self.parameter.numel()
 
     def mask(self, model: nn.Module) -> Tensor | None:
-        return get_mask(model, self.name)
+        return get_mask(model, self.name, self.owners or None)
 
 
 def _layout(module: nn.Module, param_name: str) -> tuple[int, int]:
@@ -86,6 +87,13 @@ def resolve_targets(
     modules inside it), or, when it names no module, of parameters (``"fc1.bias"``). ``exclude`` takes module or parameter names or globs. Every pattern must match
     something; integer parameters, and frozen ones when ``require_trainable``, are rejected.
     """
+    for module_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if type(hook).__module__ == "torch.nn.utils.prune":
+                raise ValueError(
+                    f"{module_name or 'the model'} is pruned with torch.nn.utils.prune; "
+                    "convert it first with prunekit.from_torch_prune(model)"
+                )
     owners = parameter_owners(model)
     # Every parameter once, by the first name that holds it.
     params: dict[str, tuple[str, nn.Module, str]] = {}
@@ -157,5 +165,6 @@ def resolve_targets(
                 f"cannot prune {name}: it is frozen (requires_grad=False); unfreeze it or exclude it"
             )
         out_dim, in_dim = _layout(module, param_name)
-        resolved.append(Target(name, module_name, module, param_name, out_dim, in_dim))
+        owner_list = tuple(owners[id(param)])
+        resolved.append(Target(name, module_name, module, param_name, out_dim, in_dim, owner_list))
     return resolved

@@ -21,7 +21,7 @@ class Criterion:
     """Base class. Subclasses set ``name`` and ``needs`` and implement ``score``."""
 
     name: ClassVar[str] = ""
-    #: statistics this criterion reads: any of "grad", "grad_sq", "movement"; empty = data-free
+    #: statistics this criterion reads: any of "grad_abs", "grad_sq", "movement"; empty = data-free
     needs: ClassVar[frozenset[str]] = frozenset()
     #: scores may be negative (group reduction then sums instead of taking a norm)
     signed: ClassVar[bool] = False

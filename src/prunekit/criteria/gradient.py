@@ -9,23 +9,27 @@ from ..targets import Target
 from .base import CRITERIA, Criterion, require
 
 
-@CRITERIA.register("gradient", "|g|: mean gradient magnitude over the data")
+# Both average |g| batch by batch: at a converged model the mean gradient nearly cancels out, while
+# the per-batch magnitudes still say how much the loss reacts to each weight.
+
+
+@CRITERIA.register("gradient", "|g|: gradient magnitude, averaged over batches")
 class Gradient(Criterion):
     name = "gradient"
-    needs = frozenset({"grad"})
+    needs = frozenset({"grad_abs"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
-        return require(stats, "grad_sum", self.name, target).abs() / max(stats.count, 1)
+        return require(stats, "grad_abs_sum", self.name, target) / max(stats.count, 1)
 
 
-@CRITERIA.register("taylor", "|w g|: first-order Taylor estimate of the loss change (Molchanov et al.)")
+@CRITERIA.register("taylor", "|w g|: first-order Taylor estimate of the loss change, averaged over batches (Molchanov et al.)")
 class Taylor(Criterion):
     name = "taylor"
-    needs = frozenset({"grad"})
+    needs = frozenset({"grad_abs"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
-        grad = require(stats, "grad_sum", self.name, target) / max(stats.count, 1)
-        return (target.value.detach() * grad).abs()
+        grad = require(stats, "grad_abs_sum", self.name, target) / max(stats.count, 1)
+        return target.value.detach().abs() * grad
 
 
 @CRITERIA.register("obd", "1/2 h_ii w^2, h_ii from a diagonal empirical Fisher (Optimal Brain Damage, LeCun 1989)")

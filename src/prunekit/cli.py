@@ -1,0 +1,174 @@
+"""The ``prunekit`` command.
+
+    prunekit demo [--out DIR] [--quick] [--seed N]   compare methods on LeNet-300-100 / digits
+    prunekit methods                                  every method, granularity, scope and schedule
+    prunekit prune RECIPE.yaml [--out DIR]            run a recipe (see prunekit.recipes for the schema)
+    prunekit summary RECIPE.yaml                      layers, parameters and FLOPs of a recipe's model
+
+User errors (a bad recipe, a missing file, a wrong value) print ``error: <message>`` on one line to
+stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError)  # RecipeError is a ValueError
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+# --- subcommands --------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+
+    console = _console()
+    results = demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, console=console,
+                   threads=args.threads)
+    console.print(f"took {results['wall_time_s']:.1f} s; wrote " + "\n      ".join(results["files"].values()),
+                  soft_wrap=True)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .criteria import CRITERIA
+    from .granularity import GRANULARITIES
+    from .report import Column, print_table
+    from .schedules import SCHEDULES
+    from .scope import SCOPES
+
+    console = _console()
+    groups = [
+        ("Methods: how weights are scored (method=)", CRITERIA.items(), []),
+        ("Granularities: what is removed (granularity=)", GRANULARITIES.items(), []),
+        ("Scopes: where the budget goes (scope=)", SCOPES.items(),
+         [("{pattern: sparsity}", "explicit sparsity per layer name or glob (a mapping instead of a name)")]),
+        ("Schedules: when pruning happens (schedule=, Pruner)", SCHEDULES.items(), []),
+    ]
+    columns = [Column("name", "name"), Column("description", "description")]
+    for title, items, extra in groups:
+        rows = [{"name": name, "description": text} for name, text in [*items, *extra]]
+        console.print(f"[bold]{title}[/bold]")
+        print_table(rows, columns, console=console)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .recipes import run_recipe
+    from .report import Column, percent, print_table, seconds, times
+
+    console = _console()
+    results = run_recipe(args.recipe, out_dir=args.out, console=_console(stderr=True))
+    before, after = results["before"], results["after"]
+    rows = [
+        {"": "accuracy", "before": percent(before["accuracy"]), "after": percent(after["accuracy"])},
+        {"": "sparsity", "before": "-", "after": percent(after["sparsity"])},
+        {"": "compression", "before": times(before["compression_ratio"]), "after": times(after["compression_ratio"])},
+        {"": "theoretical speedup", "before": times(before["theoretical_speedup"]),
+         "after": times(after["theoretical_speedup"])},
+        {"": "latency (batch 1)", "before": seconds(before["latency_s"]), "after": seconds(after["latency_s"])},
+    ]
+    columns = [Column(""), Column("before", align="right"), Column("after", align="right")]
+    print_table(rows, columns, title=results["name"], console=console)
+    console.print("wrote " + "\n      ".join(results["files"].values()), soft_wrap=True)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from . import metrics
+    from .recipes import build_model_and_data, load_recipe
+
+    model, _, _, example = build_model_and_data(load_recipe(args.recipe))
+    metrics.summary(model, example)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="prunekit",
+        description="Pruning for PyTorch: compare methods, run YAML recipes, inspect models.",
+        epilog="Run 'prunekit COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="compare pruning methods on LeNet-300-100 / digits (under a minute)",
+        description="Train LeNet-300-100 on digits, prune it at 50-98%% sparsity with magnitude (global and "
+        "local), random and Taylor, with and without fine-tuning; print a table and write results.json, "
+        "plots and report.html.",
+    )
+    demo.add_argument("--out", default="prunekit-demo", metavar="DIR", help="output folder (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="a reduced grid that runs in a few seconds")
+    demo.add_argument("--seed", type=int, default=0, metavar="N", help="seed of training and pruning (default: 0)")
+    demo.add_argument("--threads", type=int, default=1, metavar="N",
+                      help="torch CPU threads (default: 1, fastest for this small model)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+
+    methods = sub.add_parser(
+        "methods",
+        help="list every method, granularity, scope and schedule",
+        description="List every registered pruning method, granularity, scope and schedule, one line each.",
+    )
+    methods.set_defaults(func=cmd_methods)
+
+    prune = sub.add_parser(
+        "prune",
+        help="run a YAML recipe",
+        description="Validate and run a YAML recipe (model, data, prune, schedule, finetune, output); writes "
+        "model.safetensors, results.json and report.html. The schema is documented in prunekit.recipes "
+        "and in examples/lenet_digits.yaml.",
+    )
+    prune.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
+    prune.add_argument("--out", metavar="DIR", help="output folder (default: the recipe's output.dir)")
+    prune.set_defaults(func=cmd_prune)
+
+    summary = sub.add_parser(
+        "summary",
+        help="layers, parameters and FLOPs of a recipe's model",
+        description="Build a recipe's model (with its weights, if given) and print its layers, parameters, "
+        "sparsity and FLOPs for one example input of the recipe's data.",
+    )
+    summary.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
+    summary.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``prunekit`` command; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error (argparse printed it)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

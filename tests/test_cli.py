@@ -1,0 +1,145 @@
+"""The ``prunekit`` command."""
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+import yaml
+
+import prunekit
+from prunekit import cli
+
+torch.set_num_threads(1)
+
+TINY = {
+    "name": "cli-tiny",
+    "threads": 1,
+    "model": {"builtin": "lenet300100"},
+    "data": {"name": "digits", "batch_size": 128},
+    "train": {"epochs": 1, "lr": 0.003},
+    "prune": {"method": "magnitude", "sparsity": 0.5},
+    "output": {"dir": "out", "report": False},
+}
+
+
+def write(folder, recipe, name="recipe.yaml"):
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def test_methods_lists_every_registry(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("magnitude", "random", "taylor", "obd", "global", "local", "lamp", "erk",
+                 "element", "channel", "n:m", "oneshot", "iterative", "agp"):
+        assert name in out
+    assert "2:4" in out
+    for heading in ("Methods", "Granularities", "Scopes", "Schedules"):
+        assert heading in out
+
+
+def test_methods_lists_the_registries_descriptions(capsys):
+    from prunekit.criteria import CRITERIA
+
+    cli.main(["methods"])
+    out = capsys.readouterr().out
+    for name, description in CRITERIA.items():
+        assert description[:30] in out
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"prunekit {prunekit.__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["methods"], ["prune"], ["summary"]])
+def test_help_on_every_subcommand(command, capsys):
+    assert cli.main([*command, "--help"]) == 0
+    assert "usage: prunekit" in capsys.readouterr().out
+
+
+def test_usage_errors_return_2(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["demo", "--seed", "x"]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_bad_recipe_is_one_line_and_status_2(tmp_path, capsys):
+    bad = dict(TINY, prune={"method": "magnitude", "sparsity": 1.5})
+    path = write(tmp_path, bad)
+    assert cli.main(["prune", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("error: ") and "prune.sparsity" in captured.err
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert cli.main(["prune", str(tmp_path / "nope.yaml")]) == 2
+    assert cli.main(["summary", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 2 and "nope.yaml" in err
+
+
+def test_summary_prints_the_layers(tmp_path, capsys):
+    assert cli.main(["summary", str(write(tmp_path, TINY))]) == 0
+    out = capsys.readouterr().out
+    for name in ("fc1", "fc2", "fc3", "total", "Params", "FLOPs"):
+        assert name in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_runs_a_recipe(tmp_path, capsys):
+    out = tmp_path / "elsewhere"
+    assert cli.main(["prune", str(write(tmp_path, TINY)), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "50.0%" in printed
+    assert (out / "model.safetensors").is_file() and (out / "results.json").is_file()
+    assert not (tmp_path / "out").exists()  # --out wins over output.dir
+
+
+def test_demo_arguments_reach_the_demo(monkeypatch, tmp_path):
+    calls = {}
+
+    def fake_demo(out_dir, quick, seed, progress, console, threads):
+        calls.update(out_dir=out_dir, quick=quick, seed=seed, progress=progress, threads=threads)
+        return {"files": {"results": str(tmp_path / "results.json")}, "wall_time_s": 0.1}
+
+    monkeypatch.setattr("prunekit.demo.demo", fake_demo)
+    assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--seed", "3", "--no-progress"]) == 0
+    assert calls == {"out_dir": str(tmp_path), "quick": True, "seed": 3, "progress": False, "threads": 1}
+    cli.main(["demo"])
+    assert calls["out_dir"] == "prunekit-demo" and calls["quick"] is False and calls["seed"] == 0
+
+
+def test_console_script_is_registered():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("prunekit") == "prunekit.cli:main"
+
+
+def test_as_a_process_no_traceback(tmp_path):
+    path = write(tmp_path, dict(TINY, prune={"method": "magnitud", "sparsity": 0.5}))
+    done = subprocess.run([sys.executable, "-m", "prunekit.cli", "prune", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith("error: prune.method: unknown method 'magnitud'; did you mean 'magnitude'?")
+
+
+def test_summary_of_a_model_that_does_not_fit_its_data(tmp_path, capsys):
+    path = write(tmp_path, dict(TINY, model={"builtin": "lenet5"}))  # a conv net fed flat digits
+    assert cli.main(["summary", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model and data do not fit") and err.count("\n") == 1
+
+
+def test_demo_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import prunekit as pk
-from prunekit import masking
 from prunekit.scope import erk_sparsities, lamp_scores
 
 

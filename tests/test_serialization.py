@@ -1,6 +1,5 @@
 """pk.save / pk.load: safetensors with masks, onto fresh models, atomically, without pickle."""
 
-import os
 
 import pytest
 import torch

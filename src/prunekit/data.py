@@ -24,6 +24,7 @@ __all__ = [
     "synthetic_images",
     "train",
     "evaluate",
+    "make_optimizer",
 ]
 
 
@@ -203,6 +204,21 @@ def _device(model: nn.Module) -> torch.device:
 _DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
 
 
+def make_optimizer(
+    model: nn.Module, name: str = "adam", lr: float | None = None, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """``"adam"`` (default lr 1e-3) or ``"sgd"`` (momentum 0.9, default lr 0.05) over the trainable
+    parameters."""
+    key = name.lower()
+    if key not in _DEFAULT_LR:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
+    lr = _DEFAULT_LR[key] if lr is None else lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    if key == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
 def train(
     model: nn.Module,
     loader: DataLoader,
@@ -223,18 +239,7 @@ def train(
     Returns:
         The number of optimizer steps taken. The model's training mode is restored afterwards.
     """
-    if isinstance(optimizer, str):
-        name = optimizer.lower()
-        if name not in _DEFAULT_LR:
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        lr = _DEFAULT_LR[name] if lr is None else lr
-        params = [p for p in model.parameters() if p.requires_grad]
-        if name == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    else:
-        opt = optimizer
+    opt = make_optimizer(model, optimizer, lr, weight_decay) if isinstance(optimizer, str) else optimizer
     device = _device(model)
     was_training = model.training
     model.train()

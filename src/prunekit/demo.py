@@ -14,8 +14,6 @@ and measures it again. It prints a table and writes ``results.json``, ``accuracy
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import platform
 import time
@@ -77,17 +75,15 @@ RESULT_COLUMNS = [
 ]
 
 
+_MEASURED = ("compression_ratio", "theoretical_speedup", "latency_s")
+
+
 def _measure(model: nn.Module, test_loader, example: torch.Tensor, repeats: int) -> dict[str, Any]:
     """Accuracy, compression, theoretical speedup and latency (of the finalized model) of ``model``."""
     from .data import evaluate
 
-    baked = masking.finalize(copy.deepcopy(model))  # what would be deployed: zeros stored densely
-    return {
-        "accuracy": evaluate(model, test_loader),
-        "compression_ratio": metrics.compression_ratio(model),
-        "theoretical_speedup": metrics.theoretical_speedup(model, example),
-        "latency_s": metrics.latency(baked, example, warmup=2, repeats=repeats),
-    }
+    found = metrics.report_metrics(model, example, warmup=2, repeats=repeats)
+    return {"accuracy": evaluate(model, test_loader), **{k: found[k] for k in _MEASURED}}
 
 
 def run_demo(
@@ -103,7 +99,7 @@ def run_demo(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .data import digits, evaluate, loaders, train
+    from .data import digits, loaders, train
     from .models import LeNet300100
 
     start = time.perf_counter()
@@ -198,17 +194,6 @@ def _one_run(
 # --- output --------------------------------------------------------------------------------------
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no infinity: non-finite floats become ``None``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def best_row(rows: Sequence[dict], near: float = 0.9) -> dict:
     """The most accurate row at the grid's sparsity closest to ``near``."""
     closest = min({r["sparsity"] for r in rows}, key=lambda s: abs(s - near))
@@ -236,7 +221,7 @@ def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
         "layer_plot": out / "layer_sparsity.png",
         "report": out / "report.html",
     }
-    paths["results"].write_text(json.dumps(_finite(results), indent=2) + "\n", encoding="utf-8")
+    report.write_json(paths["results"], results)
     report.plot_accuracy_vs_sparsity(
         rows, paths["accuracy_plot"], dense["accuracy"], title="LeNet-300-100 on digits: accuracy vs sparsity"
     )

@@ -55,14 +55,11 @@ step. Running writes ``model.safetensors``, ``results.json`` and ``report.html``
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import importlib
 import importlib.util
 import inspect
-import json
-import math
 import time
 import types
 import typing
@@ -660,30 +657,15 @@ def prepare(recipe: Recipe | str | Path, out_dir: str | Path | None = None) -> P
 
 
 def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    lr = spec.lr if spec.lr is not None else (1e-3 if spec.optimizer.lower() == "adam" else 0.05)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if spec.optimizer.lower() == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=spec.weight_decay)
+    from .data import make_optimizer
+
+    return make_optimizer(model, spec.optimizer, spec.lr, spec.weight_decay)
 
 
 def _metrics(model: nn.Module, example: torch.Tensor, repeats: int) -> dict[str, Any]:
-    """``metrics.report_metrics``, with the latency of the finalized model (what would be deployed)."""
-    from . import masking, metrics
+    from . import metrics
 
-    found = metrics.report_metrics(model, example, measure_latency=False)
-    found["latency_s"] = metrics.latency(masking.finalize(copy.deepcopy(model)), example, repeats=repeats)
-    return found
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    return metrics.report_metrics(model, example, repeats=repeats)
 
 
 def run_recipe(
@@ -711,7 +693,7 @@ def run_recipe(
 
 
 def _run(prepared: Prepared, console: Any, latency_repeats: int, start: float) -> dict[str, Any]:
-    from . import masking, metrics
+    from . import masking
     from .criteria import get_criterion
     from .data import evaluate, loaders, train
     from .pruner import Pruner
@@ -788,7 +770,9 @@ def _run(prepared: Prepared, console: Any, latency_repeats: int, start: float) -
         files["report"] = out / "report.html"
         _write_report(results, files)
     results["files"] = {k: str(v) for k, v in files.items()}
-    files["results"].write_text(json.dumps(_finite(results), indent=2) + "\n", encoding="utf-8")
+    from .report import write_json
+
+    write_json(files["results"], results)
     return results
 
 

@@ -373,3 +373,21 @@ def write_html(
     path.write_text(document, encoding="utf-8")
     return path
 
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no infinity or NaN: non-finite floats become ``None`` (recursively)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON (non-finite floats as null)."""
+    path = Path(path)
+    path.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
+    return path

@@ -309,5 +309,5 @@ def warn_emptied(names_and_fractions: Sequence[tuple[str, float]]) -> None:
         warnings.warn(
             f"pruned to 100%: {', '.join(emptied)} (these layers now output only their bias); "
             "pass max_layer_sparsity=... to cap every layer",
-            stacklevel=3,
+            stacklevel=4,  # warn_emptied <- PruningSpec.apply <- prune / Pruner.step <- the caller
         )

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from . import masking
 from .criteria import Criterion, get_criterion
 from .granularity import GROUP_NORMS, NM, Granularity, get_granularity
-from .scope import LayerScores, Scope, check_sparsity, get_scope, warn_emptied
+from .scope import LayerScores, PerLayer, Scope, check_sparsity, get_scope, warn_emptied
 from .statistics import LossFn, TargetStatistics, collect_gradient_statistics
 from .targets import Target, resolve_targets
 
@@ -109,7 +109,7 @@ class PruningSpec:
         self.targets: list[Target] = resolve_targets(model, targets, exclude)
         for target in self.targets:
             self.granularity.check(target)
-        if hasattr(self.scope, "sparsities"):  # per-layer dict: every pattern must hit a target
+        if isinstance(self.scope, PerLayer):  # every pattern of a per-layer dict must hit a target
             self.scope.sparsities([t.name for t in self.targets], None)
 
     @property
@@ -125,7 +125,7 @@ class PruningSpec:
                 )
             return self.granularity.sparsity
         if sparsity is None:
-            if hasattr(self.scope, "sparsities"):
+            if isinstance(self.scope, PerLayer):
                 return None
             raise ValueError("sparsity is required (a number in [0, 1))")
         return check_sparsity(sparsity)

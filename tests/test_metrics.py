@@ -230,8 +230,10 @@ def test_model_size_ignores_masks_and_ties(tmp_path):
     dense = metrics.model_size(model)
     masking.attach(model, "head.weight", half_mask((10, 4)))
     assert metrics.model_size(model) == dense  # dense format: same names, same bytes, no mask buffers
-    with pytest.raises(ValueError):
-        metrics.model_size(model, sparse=True)
+    import prunekit as pk
+
+    sparse_file = pk.save(model, tmp_path / "sparse.safetensors", format="sparse")
+    assert metrics.model_size(model, sparse=True) == metrics.file_size(sparse_file)
 
     from safetensors.torch import load, save_file
 
@@ -285,6 +287,7 @@ def test_report_metrics():
     assert report["theoretical_speedup"] == metrics.theoretical_speedup(model, x) > 1
     assert report["latency_s"] > 0
     assert report["size_bytes"] == metrics.model_size(model)
+    assert report["size_sparse_bytes"] == metrics.model_size(model, sparse=True)
     assert metrics.report_metrics(model, x, measure_latency=False)["latency_s"] is None
 
 

@@ -14,8 +14,22 @@ from .metrics import summary
 from .pruner import Pruner
 from .pruning import PruneReport, prune
 from .serialization import load, save
+from . import export, report, sensitivity_analysis  # noqa: F401,E402  (light: torch only; onnx/matplotlib lazily)
+from .sensitivity_analysis import SensitivityResult, sensitivity
 
 __version__ = "0.1.0"
+
+# Submodules loaded on first access (``pk.llm``), so ``import prunekit`` stays light.
+_LAZY_SUBMODULES = ("llm", "structured")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+
 
 __all__ = [
     "prune",
@@ -32,4 +46,10 @@ __all__ = [
     "schedules",
     "metrics",
     "masking",
+    "llm",
+    "structured",
+    "sensitivity",
+    "SensitivityResult",
+    "export",
+    "report",
 ]

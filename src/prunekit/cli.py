@@ -4,6 +4,7 @@
     prunekit methods                                  every method, granularity, scope and schedule
     prunekit prune RECIPE.yaml [--out DIR]            run a recipe (see prunekit.recipes for the schema)
     prunekit summary RECIPE.yaml                      layers, parameters and FLOPs of a recipe's model
+    prunekit report [RESULTS.json ...] [--recipe R]   an HTML report: accuracy, layers, sensitivity, speed, size
 
 User errors (a bad recipe, a missing file, a wrong value) print ``error: <message>`` on one line to
 stderr and exit with status 2, without a traceback.
@@ -44,9 +45,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from .criteria import CRITERIA
     from .granularity import GRANULARITIES
+    from .llm.methods import LLM_METHODS
     from .report import Column, print_table
     from .schedules import SCHEDULES
     from .scope import SCOPES
+    from .structured.criteria import GROUP_CRITERIA as STRUCTURED_METHODS
 
     console = _console()
     groups = [
@@ -55,6 +58,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
         ("Scopes: where the budget goes (scope=)", SCOPES.items(),
          [("{pattern: sparsity}", "explicit sparsity per layer name or glob (a mapping instead of a name)")]),
         ("Schedules: when pruning happens (schedule=, Pruner)", SCHEDULES.items(), []),
+        ("LLM one-shot methods (prunekit.llm.prune, prunekit llm --method)", LLM_METHODS.items(), []),
+        ("Structured methods: channel groups removed physically (prunekit.structured.prune(method=))",
+         STRUCTURED_METHODS.items(), []),
     ]
     columns = [Column("name", "name"), Column("description", "description")]
     for title, items, extra in groups:
@@ -91,6 +97,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     model, _, _, example = build_model_and_data(load_recipe(args.recipe))
     metrics.summary(model, example)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    console = _console()
+    files = build_report(args.out, args.results, recipe=args.recipe, weights=args.weights,
+                         sensitivity=args.sensitivity, sweep=args.sweep, sparsities=args.sparsities,
+                         target=args.target, speed=not args.no_speed, threads=args.threads, title=args.title,
+                         progress=not args.no_progress, console=_console(stderr=True))
+    console.print("wrote " + "\n      ".join(str(p) for p in files.values()), soft_wrap=True)
     return 0
 
 
@@ -149,6 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
     summary.set_defaults(func=cmd_summary)
+
+    report = sub.add_parser(
+        "report",
+        help="an HTML report with plots from results files and/or a recipe's model",
+        description="Write report.html (plots embedded) and PNGs: accuracy against sparsity, sparsity per "
+        "layer, sensitivity curves, and the speed and size table. Inputs: results JSONs (prunekit demo, a "
+        "recipe's results.json, a saved sensitivity analysis, benchmarks/sparse_inference.py) and/or a "
+        "recipe's model (--recipe, with --weights), measured here: speed and size (sparse file, sparse kernels), "
+        "and on request a sensitivity analysis and an accuracy sweep on the recipe's test data.",
+    )
+    report.add_argument("results", nargs="*", metavar="RESULTS.json", help="results files to include")
+    report.add_argument("--recipe", metavar="RECIPE.yaml", help="build the recipe's model and data")
+    report.add_argument("--weights", metavar="FILE", help="weights for the recipe's model (written by prunekit.save)")
+    report.add_argument("--sensitivity", action="store_true", help="run a sensitivity analysis (test accuracy)")
+    report.add_argument("--sweep", action="store_true", help="accuracy against sparsity (global/local magnitude)")
+    report.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95], metavar="S",
+                        help="the sparsity grid of --sensitivity and --sweep (default: %(default)s)")
+    report.add_argument("--target", type=float, default=0.9, metavar="S",
+                        help="global sparsity of the sensitivity allocation shown per layer (default: %(default)s)")
+    report.add_argument("--no-speed", action="store_true", help="do not measure speed and size")
+    report.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads (default: 1)")
+    report.add_argument("--title", help="the report's title")
+    report.add_argument("--out", default="prunekit-report", metavar="DIR", help="output folder (default: %(default)s)")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report.set_defaults(func=cmd_report)
+
+    from .llm.cli import add_parser as add_llm_parser  # `prunekit llm MODEL_DIR ...` (transformers loads lazily)
+
+    add_llm_parser(sub)
     return parser
 
 

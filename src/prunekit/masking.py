@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 __all__ = [
     "PruningMask",
     "attach",
+    "set_mask",
     "get_mask",
     "masks",
     "sparsity",
@@ -186,6 +187,37 @@ def attach(
     with torch.no_grad():
         param.masked_fill_(~existing.mask, 0)
     return existing.mask
+
+
+def set_mask(
+    model: nn.Module,
+    qualified_name: str,
+    mask: Tensor,
+    *,
+    owners: Sequence[Owner] | None = None,
+) -> Tensor:
+    """Replace the mask of ``qualified_name`` by ``mask`` (attach it when there is none).
+
+    Unlike ``attach``, entries may come back: this is for dynamic sparse training (SET, RigL), which
+    drops some weights and regrows others at the same sparsity. Entries pruned by the new mask are set
+    to zero in the stored parameter, and entries it brings back start at zero too (whatever an
+    optimizer did to the stored value while they were masked). Returns the mask now in place.
+    """
+    owners = _owners_of(model, qualified_name, owners)
+    first = owners[0]
+    param = raw_parameter(first.module, first.param_name)
+    if tuple(mask.shape) != tuple(param.shape):
+        raise ValueError(
+            f"{qualified_name}: mask shape {tuple(mask.shape)} does not fit parameter shape {tuple(param.shape)}"
+        )
+    existing = get_mask(model, qualified_name, owners)
+    if existing is None:
+        return attach(model, qualified_name, mask, owners=owners)
+    mask = mask.to(device=existing.device, dtype=torch.bool)
+    with torch.no_grad():
+        param.masked_fill_(~(mask & existing), 0)  # only entries kept before and after keep a value
+        existing.copy_(mask)
+    return existing
 
 
 def get_mask(model: nn.Module, qualified_name: str, owners: Sequence[Owner] | None = None) -> Tensor | None:

@@ -320,11 +320,17 @@ def model_size(model: nn.Module, sparse: bool = False) -> int:
     """Bytes of the model's safetensors file: its effective state dict (masks applied, clean names such
     as ``"fc1.weight"``, tied parameters once, persistent buffers, no mask buffers), serialised in memory.
 
-    Only the dense format (``sparse=False``) is available for now: pruned entries are stored as zeros,
-    so pruning alone does not change the size. Passing ``sparse=True`` raises ``ValueError``.
+    ``sparse=False`` (dense): pruned entries are stored as zeros, so pruning alone does not change the
+    size. ``sparse=True``: the bytes ``prunekit.save(model, path, format="sparse")`` writes (without
+    extra metadata): masked and mostly-zero tensors compressed (:mod:`prunekit.sparse_format`), masks
+    included, tied parameters once. At 90% sparsity in float32 a weight costs about 10% of its dense
+    bytes plus 1/32 for the bitmask.
     """
     if sparse:
-        raise ValueError("model_size(sparse=True) is not supported yet: only the dense safetensors format is")
+        from . import serialization, sparse_format
+
+        meta = {"prunekit_format": serialization.FORMAT_VERSION, "format": "sparse"}
+        return sparse_format.encoded_nbytes(serialization.state_tensors(model), meta)
     return len(safetensors_save(_effective_state_dict(model)))
 
 
@@ -445,7 +451,7 @@ def report_metrics(
     """All metrics at once::
 
         {"params_total", "params_nonzero", "compression_ratio", "flops_dense", "flops_remaining",
-         "theoretical_speedup", "latency_s", "size_bytes"}
+         "theoretical_speedup", "latency_s", "size_bytes", "size_sparse_bytes"}
 
     ``latency_s`` is the median seconds per forward pass of the model as it would be deployed: a
     masked model is measured on a finalized copy (pruned weights stored as zeros), so the mask's own
@@ -462,4 +468,5 @@ def report_metrics(
         "theoretical_speedup": _ratio(dense, remaining),
         "latency_s": latency(_deployed(model), example_inputs, warmup, repeats, threads) if measure_latency else None,
         "size_bytes": model_size(model),
+        "size_sparse_bytes": model_size(model, sparse=True),
     }

@@ -47,10 +47,17 @@ class Pruner:
         max_layer_sparsity: float | None = None,
         seed: int = 0,
         max_batches: int | None = None,
+        structured: object | None = None,
     ) -> None:
+        """``structured=pk.structured.StructuredSpec(model, example_inputs, method=..., scope=...)`` prunes
+        whole channel groups (as channel masks, made physical afterwards by ``spec.compact()``); the
+        spec then carries the method and scope, and the arguments above it are not used."""
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a prunekit schedule (OneShot, Iterative, AGP), got {schedule!r}")
-        self.spec = PruningSpec(model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
+        if structured is not None and getattr(structured, "model", None) is not model:
+            raise ValueError("structured= must be a prunekit.structured.StructuredSpec built on this model")
+        self.spec = structured if structured is not None else PruningSpec(
+            model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
         self.schedule = schedule
         self.spec.check_sparsity(schedule.final)  # N:M: the schedule must say the pattern's sparsity
         self.data, self.loss_fn, self.max_batches = data, loss_fn, max_batches
@@ -99,7 +106,7 @@ class Pruner:
             sparsity = None if isinstance(self.spec.granularity, NM) else self.schedule.at(step)
             stats = self._statistics()
             with torch.no_grad():
-                rows = self.spec.apply(self.spec.compute_masks(sparsity, stats))
+                rows = self.spec.apply(self.spec.compute_masks(sparsity, stats, self.data))
             report = self.spec.report(sparsity, rows)
             self.history.append(report)
             for stat in self._running.values():  # gradient sums restart; movement keeps accumulating

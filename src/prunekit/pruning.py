@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
-from . import masking
+from . import distributed, masking
 from .criteria import Criterion, get_criterion
 from .granularity import GROUP_NORMS, NM, Granularity, get_granularity
 from .scope import LayerScores, PerLayer, Scope, check_sparsity, get_scope, warn_emptied
@@ -92,6 +92,7 @@ class PruningSpec:
         max_layer_sparsity: float | None = None,
         seed: int = 0,
     ) -> None:
+        model = distributed.unwrap(model)  # a DDP-wrapped model is pruned through the module inside
         self.model = model
         self.criterion = get_criterion(method)
         self.granularity = get_granularity(granularity)
@@ -141,9 +142,13 @@ class PruningSpec:
                 f"method {self.method_name!r} is data-driven: pass data= (an iterable of batches) "
                 "and, unless the loss is cross-entropy, loss_fn="
             )
-        return collect_gradient_statistics(
+        if max_batches is None:
+            max_batches = self.criterion.default_batches
+        stats = collect_gradient_statistics(
             self.model, self.targets, data, loss_fn, self.criterion.needs, max_batches
         )
+        distributed.reduce_statistics(stats)  # under DDP: every rank's batches count
+        return stats
 
     def _scores(self, index: int, target: Target, stats) -> Tensor:
         raw = self.criterion.score(
@@ -157,10 +162,11 @@ class PruningSpec:
         return raw
 
     def compute_masks(
-        self, sparsity: float | None, stats: Mapping[str, TargetStatistics] | None = None
+        self, sparsity: float | None, stats: Mapping[str, TargetStatistics] | None = None, data=None
     ) -> dict[str, Tensor]:
         """New keep-masks (``True`` = kept) reaching ``sparsity``; the model is not changed."""
         sparsity = self.check_sparsity(sparsity)
+        self.criterion.prepare(self.model, self.targets, stats, data)
         gran, signed = self.granularity, self.criterion.signed
         current = {t.name: t.mask(self.model) for t in self.targets}
         if isinstance(gran, NM):
@@ -187,6 +193,8 @@ class PruningSpec:
     def apply(self, new_masks: Mapping[str, Tensor]) -> list[LayerReport]:
         """Tighten the model's masks; returns per-layer before/after sparsities."""
         rows = []
+        if distributed.is_distributed():  # rank 0 decides, so every replica keeps the same weights
+            new_masks = distributed.broadcast_masks({t.name: new_masks[t.name] for t in self.targets})
         for target in self.targets:
             before = _fraction_pruned(target.mask(self.model))
             after_mask = masking.attach(
@@ -245,8 +253,25 @@ def prune(
     """
     spec = PruningSpec(model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
     sparsity = spec.check_sparsity(sparsity)
-    stats = spec.statistics(data, loss_fn, max_batches)
-    with torch.no_grad():
-        new_masks = spec.compute_masks(sparsity, stats)
-        rows = spec.apply(new_masks)
+    rows: list[LayerReport] = []
+    for step_sparsity in _round_sparsities(spec, sparsity):  # one round unless the criterion asks for more
+        stats = spec.statistics(data, loss_fn, max_batches)
+        with torch.no_grad():
+            new_masks = spec.compute_masks(step_sparsity, stats, data)
+            done = spec.apply(new_masks)
+        rows = done if not rows else [replace(r, sparsity_before=b.sparsity_before) for r, b in zip(done, rows)]
     return spec.report(sparsity, rows)
+
+
+def _round_sparsities(spec: PruningSpec, sparsity: float | None) -> list[float | None]:
+    """The sparsity after each round: the kept fraction shrinks by the same factor every round, from what
+    is kept now to ``1 - sparsity`` (SynFlow's exponential schedule, Tanaka et al. 2020)."""
+    rounds = int(spec.criterion.rounds)
+    if rounds <= 1 or sparsity is None or isinstance(spec.granularity, NM):
+        return [sparsity]
+    total = sum(t.numel() for t in spec.targets)
+    kept_now = sum(int(m.count_nonzero()) if (m := t.mask(spec.model)) is not None else t.numel() for t in spec.targets)
+    start, goal = kept_now / total, 1.0 - sparsity
+    if goal >= start:
+        return [sparsity]
+    return [1.0 - start * (goal / start) ** (k / rounds) for k in range(1, rounds)] + [sparsity]

@@ -6,6 +6,9 @@
 * :func:`write_html`: one HTML file with inline CSS and the PNGs embedded as base64 data URIs, so it
   can be mailed or moved on its own. Build the body from :func:`headline_html`, :func:`image_html`,
   :func:`table_html` and :func:`settings_html`, each a :class:`Section`.
+* :func:`write_report` (what ``prunekit report`` runs): a whole report from results JSONs (the demo's,
+  a recipe's, a sensitivity analysis, the sparse-inference benchmark) and what a model gives
+  (:func:`measure_speed_size`, :func:`accuracy_sweep`, :func:`plot_sensitivity` of ``pk.sensitivity``).
 
 Example::
 
@@ -46,6 +49,15 @@ __all__ = [
     "table_html",
     "settings_html",
     "write_html",
+    "plot_sensitivity",
+    "measure_speed_size",
+    "speed_size_rows",
+    "accuracy_sweep",
+    "load_results",
+    "result_kind",
+    "write_report",
+    "build_report",
+    "write_json",
 ]
 
 
@@ -391,3 +403,420 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
     path.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
     return path
+
+
+# --- sensitivity curves, speed and size, whole reports ---------------------------------------------
+
+
+def _sensitivity_result(result: Any):
+    from .sensitivity_analysis import SensitivityResult
+
+    return result if isinstance(result, SensitivityResult) else SensitivityResult.from_dict(result)
+
+
+def _as_percent(result) -> bool:
+    values = [result.baseline, *(v for vs in result.curves.values() for v in vs)]
+    return result.metric == "accuracy" and all(0.0 <= v <= 1.0 for v in values)
+
+
+def plot_sensitivity(
+    result: Any,
+    path: str | os.PathLike,
+    title: str = "Sensitivity: each layer pruned alone",
+) -> Path:
+    """The metric against sparsity with one layer at a time pruned (a :class:`~prunekit.SensitivityResult`
+    or its dict), one line per layer (its number of weights in the legend), the unpruned model dotted."""
+    result = _sensitivity_result(result)
+    plt = require_matplotlib()
+    from matplotlib.lines import Line2D
+
+    scale = 100.0 if _as_percent(result) else 1.0
+    xs = result.sparsities
+    logit = all(0.0 < x < 1.0 for x in xs) and len(xs) > 1
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
+    try:
+        handles = []
+        for i, (name, values) in enumerate(result.curves.items()):
+            color = _COLORS[i % len(_COLORS)]
+            style = "-" if i < len(_COLORS) else "--"
+            ax.plot(xs, [scale * v for v in values], color=color, linestyle=style, marker="o", markersize=4)
+            handles.append(Line2D([], [], color=color, linestyle=style, linewidth=2,
+                                  label=f"{name} ({result.sizes.get(name, 0):,})"))
+        ax.axhline(scale * result.baseline, color="black", linewidth=1, linestyle=":")
+        handles.append(Line2D([], [], color="black", linestyle=":", label="unpruned"))
+        if logit:
+            ax.set_xscale("logit")
+            ax.minorticks_off()
+        ax.set_xticks(xs, [f"{100 * x:g}%" for x in xs])
+        ax.set_xlabel("sparsity of the one pruned layer" + (" (logit scale)" if logit else ""))
+        label = result.metric + (" (%)" if scale == 100.0 else "")
+        ax.set_ylabel(label + ("" if result.higher_is_better else ", lower is better"))
+        ax.set_title(f"{title} ({result.method}, {result.granularity})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def measure_speed_size(
+    model: Any,
+    example_inputs: Any,
+    *,
+    sparse_kernels: bool = True,
+    repeats: int = 20,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """Size and speed of a (pruned) model against its dense self, measured on this machine.
+
+    Returns ``params_total``, ``params_nonzero``, ``size_dense_bytes`` (safetensors, zeros stored),
+    ``size_sparse_bytes`` (``format="sparse"``), ``flops_dense``, ``flops_remaining`` (for
+    ``example_inputs``), ``latency_dense_s`` (the finalized model) and ``latency_sparse_s`` (what
+    :func:`prunekit.export.sparsify` makes of it; the dense latency when no layer pays) with
+    ``converted_layers`` and the sparsify ``plan``. ``sparse_kernels=False`` skips sparsify.
+    """
+    from . import export, metrics
+
+    total, nonzero = metrics.count_params(model)
+    flops_dense, flops_remaining = metrics.flops(model, example_inputs)
+    out: dict[str, Any] = {
+        "params_total": total,
+        "params_nonzero": nonzero,
+        "size_dense_bytes": metrics.model_size(model),
+        "size_sparse_bytes": metrics.model_size(model, sparse=True),
+        "flops_dense": flops_dense,
+        "flops_remaining": flops_remaining,
+        "threads": threads,
+        "converted_layers": [],
+        "plan": None,
+    }
+    plan = None
+    if sparse_kernels:
+        import warnings
+
+        plan = export.plan_sparsity(model, example_inputs, threads=threads)
+        with warnings.catch_warnings():  # "measured slower as a whole": the plan records it (reverted)
+            warnings.simplefilter("ignore", UserWarning)
+            export.sparsify(model, example_inputs, plan=plan)
+        out["plan"] = plan.to_dict()
+    if plan is not None and plan.converted and not plan.reverted:
+        out["converted_layers"] = plan.converted
+        out["latency_dense_s"], out["latency_sparse_s"] = plan.model_dense_s, plan.model_sparse_s
+    else:
+        dense = metrics.latency(metrics._deployed(model), example_inputs, repeats=repeats, threads=threads)
+        out["latency_dense_s"] = out["latency_sparse_s"] = dense
+    return out
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _kib(value: Any) -> str:
+    return "-" if value is None else f"{value / 1024:,.1f} KiB"
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+SPEED_SIZE_COLUMNS = [Column("quantity"), Column("dense", align="right"), Column("pruned", align="right"),
+                      Column("gain", align="right")]
+
+
+def speed_size_rows(measured: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The speed and size table, from :func:`measure_speed_size` (or a recipe's before/after metrics,
+    see :func:`write_report`): dense and pruned side by side, and the gain (dense / pruned)."""
+    m = measured
+    rows = [
+        {"quantity": "parameters (non-zero)", "dense": _count(m.get("params_total")),
+         "pruned": _count(m.get("params_nonzero")), "gain": times(_ratio(m.get("params_total"), m.get("params_nonzero")))},
+        {"quantity": "file size", "dense": _kib(m.get("size_dense_bytes")), "pruned": _kib(m.get("size_sparse_bytes")),
+         "gain": times(_ratio(m.get("size_dense_bytes"), m.get("size_sparse_bytes")))},
+        {"quantity": "FLOPs per example", "dense": _count(m.get("flops_dense")), "pruned": _count(m.get("flops_remaining")),
+         "gain": times(_ratio(m.get("flops_dense"), m.get("flops_remaining")))},
+        {"quantity": "latency", "dense": seconds(m.get("latency_dense_s")), "pruned": seconds(m.get("latency_sparse_s")),
+         "gain": times(_ratio(m.get("latency_dense_s"), m.get("latency_sparse_s")), 2)},
+    ]
+    return rows
+
+
+def _recipe_speed_size(results: Mapping[str, Any]) -> dict[str, Any]:
+    before, after = results["before"], results["after"]
+    return {
+        "params_total": before.get("params_total"), "params_nonzero": after.get("params_nonzero"),
+        "size_dense_bytes": before.get("size_bytes"), "size_sparse_bytes": after.get("size_sparse_bytes"),
+        "flops_dense": before.get("flops_dense"), "flops_remaining": after.get("flops_remaining"),
+        "latency_dense_s": before.get("latency_s"), "latency_sparse_s": after.get("latency_s"),
+    }
+
+
+BENCHMARK_COLUMNS = [
+    Column("sparsity", format=lambda v: percent(v, 0)),
+    Column("batch"),
+    Column("dense_s", "dense", format=seconds),
+    Column("sparse_s", "sparse (CSR)", format=seconds),
+    Column("speedup", format=lambda v: times(v, 2)),
+    Column("ideal", "ideal 1/(1-s)", format=lambda v: times(v, 0)),
+    Column("sparsify", "sparsify keeps"),
+]
+
+
+def result_kind(data: Mapping[str, Any]) -> str:
+    """What a results JSON holds: ``"demo"``, ``"recipe"``, ``"sensitivity"``, ``"sparse_inference"``,
+    ``"speed_size"``; ``ValueError`` for anything else."""
+    if not isinstance(data, Mapping):
+        raise ValueError("a results file must hold a JSON object")
+    if data.get("kind") == "prunekit.sensitivity":
+        return "sensitivity"
+    if "rows" in data and "dense" in data:
+        return "demo"
+    if "before" in data and "after" in data:
+        return "recipe"
+    if "linear" in data and "settings" in data:
+        return "sparse_inference"
+    if "size_sparse_bytes" in data and "latency_dense_s" in data:
+        return "speed_size"
+    raise ValueError("not a prunekit results file (expected the JSON of `prunekit demo`, a recipe's results.json, "
+                     "a sensitivity analysis or benchmarks/sparse_inference.py)")
+
+
+def load_results(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """``(kind, data)`` of a results JSON file (see :func:`result_kind`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path.name} is not valid JSON ({error})") from None
+    try:
+        return result_kind(data), data
+    except ValueError as error:
+        raise ValueError(f"{path.name}: {error}") from None
+
+
+def accuracy_sweep(
+    model: Any,
+    evaluate: Callable[[Any], float],
+    sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
+    scopes: Sequence[str] = ("global", "local"),
+    method: str = "magnitude",
+    sensitivity: Any = None,
+) -> list[dict[str, Any]]:
+    """Rows for :func:`plot_accuracy_vs_sparsity`: ``evaluate`` of a copy of ``model`` pruned at each
+    sparsity with each scope (no fine-tuning), plus the sensitivity allocation when a result is given.
+    Rows carry ``per_layer`` sparsities too."""
+    import copy
+
+    from . import masking
+    from .pruning import prune
+
+    rows = []
+    labelled = [(scope, scope) for scope in scopes]
+    if sensitivity is not None:
+        labelled.append(("sensitivity", _sensitivity_result(sensitivity)))
+    for sparsity in sparsities:
+        for name, scope in labelled:
+            pruned = copy.deepcopy(model)
+            if name == "sensitivity":
+                prune(pruned, scope=scope.allocate(sparsity=sparsity))
+            else:
+                prune(pruned, sparsity, method=method, scope=scope)
+            rows.append({"label": f"{method} ({name})", "method": method, "scope": name, "sparsity": sparsity,
+                         "finetuned": False, "accuracy": float(evaluate(pruned)),
+                         "per_layer": masking.sparsity(pruned, per_layer=True)})
+    return rows
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    *,
+    results: Sequence[Mapping[str, Any]] = (),
+    sensitivity: Any = None,
+    speed_size: Mapping[str, Any] | None = None,
+    per_layer: Mapping[str, float] | None = None,
+    accuracy_rows: Sequence[Mapping[str, Any]] = (),
+    dense_accuracy: float | None = None,
+    title: str = "prunekit report",
+) -> dict[str, Path]:
+    """Write ``report.html`` and its PNG plots into ``out_dir`` from whatever is given, and return the
+    paths written.
+
+    ``results`` are loaded results JSONs (the demo's, a recipe's, a sensitivity analysis, the
+    sparse-inference benchmark's; see :func:`load_results`). The other arguments add what a model gives:
+    a sensitivity result (:func:`prunekit.sensitivity`), a :func:`measure_speed_size` dict, per-layer
+    sparsities, and rows of accuracy against sparsity (:func:`accuracy_sweep`). Sections: headline
+    numbers, accuracy against sparsity, per-layer sparsity bars, sensitivity curves, the speed and size
+    table, and every results table; each appears when its data is there.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    accuracy_rows = list(accuracy_rows)
+    tables: list[Section] = []
+    settings: dict[str, Any] = {}
+    cards: list[Card] = []
+    for data in results:
+        kind = result_kind(data)
+        if kind == "demo":
+            from .demo import RESULT_COLUMNS, best_row
+
+            accuracy_rows += data["rows"]
+            dense_accuracy = data["dense"]["accuracy"] if dense_accuracy is None else dense_accuracy
+            best = best_row(data["rows"])
+            per_layer = per_layer or best["per_layer"]
+            cards.append(Card(f"best at {best['sparsity']:.0%}", percent(best["accuracy"]),
+                              f"{best['method']} {best['scope']}"))
+            tables.append(Section("Demo results", table_html(data["rows"], RESULT_COLUMNS)))
+            settings.update({f"demo {k}": v for k, v in data.get("settings", {}).items()})
+        elif kind == "recipe":
+            before, after = data["before"], data["after"]
+            label = data.get("name") or "recipe"
+            points = [(0.0, before["accuracy"], False), (after["sparsity"], after["accuracy"], True)]
+            if data.get("pruned_accuracy") is not None:
+                points.append((after["sparsity"], data["pruned_accuracy"], False))
+            points += [(h["sparsity"], h["accuracy"], True) for h in data.get("history", [])[:-1]]
+            accuracy_rows += [{"label": label, "sparsity": s, "accuracy": a, "finetuned": f} for s, a, f in points]
+            dense_accuracy = before["accuracy"] if dense_accuracy is None else dense_accuracy
+            per_layer = per_layer or data.get("per_layer")
+            speed_size = speed_size or _recipe_speed_size(data)
+            cards += [Card("accuracy after", percent(after["accuracy"]),
+                           f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),
+                      Card("sparsity", percent(after["sparsity"]), label)]
+            settings.update({f"recipe {k}": v for k, v in data.get("settings", {}).items() if v is not None})
+        elif kind == "sensitivity":
+            sensitivity = sensitivity or data
+        elif kind == "sparse_inference":
+            setup = data["settings"]
+            tables.append(Section(
+                f"Sparse kernels: {setup.get('layer')}, {setup.get('threads')} thread(s)",
+                table_html(data["linear"], BENCHMARK_COLUMNS),
+                note="Median time per call, dense vs torch.sparse CSR, measured interleaved; ideal = 1 / (1 - "
+                     "sparsity). sparsify converts a layer only when it measures at least 1.1x faster."))
+        else:  # a measure_speed_size dict saved as JSON
+            speed_size = speed_size or data
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    sections: list[Section] = []
+    if speed_size is not None:
+        cards += [Card("file size", times(_ratio(speed_size.get("size_dense_bytes"), speed_size.get("size_sparse_bytes"))),
+                       "smaller, sparse format"),
+                  Card("measured speedup", times(_ratio(speed_size.get("latency_dense_s"),
+                                                        speed_size.get("latency_sparse_s")), 2), "sparse kernels")]
+    if cards:
+        sections.append(Section("Headline", headline_html(cards)))
+    if accuracy_rows:
+        files["accuracy_plot"] = plot_accuracy_vs_sparsity(accuracy_rows, out / "accuracy_vs_sparsity.png",
+                                                           dense_accuracy)
+        sections.append(Section("Accuracy against sparsity", image_html(files["accuracy_plot"], "accuracy against sparsity"),
+                                note="Dashed: right after pruning; solid: after fine-tuning. Dotted: the dense model."))
+    if per_layer:
+        files["layer_plot"] = plot_layer_sparsity(per_layer, out / "layer_sparsity.png")
+        sections.append(Section("Sparsity per layer", image_html(files["layer_plot"], "pruned fraction per layer")))
+    if sensitivity is not None:
+        result = _sensitivity_result(sensitivity)
+        files["sensitivity_plot"] = plot_sensitivity(result, out / "sensitivity.png")
+        cols = [Column("layer"), Column("size", format=_count)] + [
+            Column(f"{100 * s:g}%", format=percent if _as_percent(result) else _default_format)
+            for s in result.sparsities]
+        sections.append(Section("Sensitivity of each layer", image_html(files["sensitivity_plot"], "sensitivity curves")
+                                + table_html(result.rows(), cols),
+                                note=f"{result.metric} with one layer pruned alone ({result.method}); unpruned: "
+                                     f"{result.baseline:.4g}. Flat curves can be pruned hard; steep ones are fragile."))
+    if speed_size is not None:
+        converted = speed_size.get("converted_layers") or []
+        note = ("Dense: the finalized model, zeros stored. Pruned: non-zero parameters, the compressed file "
+                "(format='sparse'), FLOPs left, and the latency of prunekit.export.sparsify's model"
+                + (f" ({len(converted)} layers on sparse kernels)." if converted else " (no layer was faster on "
+                   "sparse kernels, so it stays dense)."))
+        sections.append(Section("Speed and size", table_html(speed_size_rows(speed_size), SPEED_SIZE_COLUMNS), note=note))
+    sections += tables
+    if settings:
+        sections.append(Section("Settings", settings_html(settings)))
+    if not sections:
+        raise ValueError("nothing to report: give results files, a model, or a sensitivity analysis")
+    files["report"] = write_html(out / "report.html", title, sections,
+                                 subtitle=f"{len(files)} plot(s); every image is embedded in this file")
+    return files
+
+
+def build_report(
+    out_dir: str | os.PathLike,
+    results_files: Sequence[str | os.PathLike] = (),
+    *,
+    recipe: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    sensitivity: bool = False,
+    sweep: bool = False,
+    sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9, 0.95),
+    target: float = 0.9,
+    speed: bool = True,
+    threads: int = 1,
+    title: str | None = None,
+    progress: bool = True,
+    console: Any = None,
+) -> dict[str, Path]:
+    """What ``prunekit report`` does: load ``results_files`` and, with a ``recipe``, build its model
+    (with ``weights``: a file written by ``prunekit.save``, dense or sparse) and test data, then measure
+    what was asked (speed and size, a sensitivity analysis of test accuracy, an accuracy sweep of global
+    and local magnitude pruning and, with the analysis, of its allocation), and write the report.
+
+    Per-layer bars show the model's own sparsity when it is pruned, else the sensitivity allocation at
+    ``target``. Everything given is checked before anything is measured.
+    """
+    import torch
+
+    from .scope import check_sparsity
+
+    loaded = [load_results(p)[1] for p in results_files]
+    grid = [check_sparsity(s, "--sparsities") for s in sparsities]
+    check_sparsity(target, "--target")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if (sensitivity or sweep or weights is not None) and recipe is None:
+        raise ValueError("--sensitivity, --sweep and --weights need --recipe (the model's architecture and data)")
+    require_matplotlib()
+    model = None
+    if recipe is not None:
+        from .recipes import build_model_and_data, load_recipe
+        from .serialization import load
+
+        model, _, test_set, example = build_model_and_data(load_recipe(recipe))
+        if weights is not None:
+            load(model, weights)
+        model.eval()
+    if not loaded and model is None:
+        raise ValueError("nothing to report: give results files (JSON) and/or --recipe")
+
+    extra: dict[str, Any] = {}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if model is not None:
+            from . import masking
+            from .data import evaluate
+            from .sensitivity_analysis import sensitivity as analyse
+
+            loader = torch.utils.data.DataLoader(test_set, batch_size=256)
+            accuracy = lambda m: evaluate(m, loader)  # noqa: E731
+            if sensitivity:
+                extra["sensitivity"] = analyse(model, accuracy, grid, progress=progress, console=console)
+            if sweep:
+                extra["accuracy_rows"] = accuracy_sweep(model, accuracy, grid, sensitivity=extra.get("sensitivity"))
+                extra["dense_accuracy"] = evaluate(model, loader)
+            if masking.masks(model):
+                extra["per_layer"] = masking.sparsity(model, per_layer=True)
+            elif "sensitivity" in extra:
+                extra["per_layer"] = extra["sensitivity"].allocate(sparsity=target)
+            if speed:
+                extra["speed_size"] = measure_speed_size(model, example, threads=threads)
+    finally:
+        torch.set_num_threads(previous)
+    if title is None:
+        names = [d.get("name") for d in loaded if isinstance(d.get("name"), str)]
+        title = f"prunekit report: {names[0]}" if names else "prunekit report"
+    return write_report(out_dir, results=loaded, title=title, **extra)

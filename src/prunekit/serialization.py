@@ -17,13 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import masking
+from . import masking, sparse_format
 
 __all__ = ["save", "load", "state_tensors", "MASK_PREFIX"]
 
 MASK_PREFIX = "__mask__."
 FORMAT_VERSION = "1"
-FORMATS = ("dense",)
+FORMATS = ("dense", "sparse")  # sparse: prunekit.sparse_format (bitmask + values, CSR or N:M per tensor)
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,7 +54,11 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(model: nn.Module, path: str | os.PathLike, format: str = "dense", metadata: dict | None = None) -> Path:
-    """Write ``model`` (weights, buffers and masks) to a safetensors file, atomically."""
+    """Write ``model`` (weights, buffers and masks) to a safetensors file, atomically.
+
+    ``format="dense"`` stores every tensor whole (a plain checkpoint plus ``__mask__.`` tensors);
+    ``format="sparse"`` stores masked and mostly-zero tensors compressed (see
+    :mod:`prunekit.sparse_format`); ``load`` reads both and restores exactly the same model."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r} (known: {', '.join(FORMATS)})")
     path = Path(path)
@@ -62,6 +66,12 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "dense", metad
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
     tensors = state_tensors(model)
     meta = {"prunekit_format": FORMAT_VERSION, "format": format, **{k: str(v) for k, v in (metadata or {}).items()}}
+    from .structured.persist import structure_metadata  # physically pruned layers: their new shapes
+
+    meta.update(structure_metadata(model))
+    if format == "sparse":
+        tensors, sparse_meta = sparse_format.encode(tensors)
+        meta.update(sparse_meta)
     payload = safetensors_bytes({k: v.cpu() for k, v in tensors.items()}, metadata=meta)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -86,11 +96,18 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.M
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         meta = handle.metadata() or {}
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    if sparse_format.is_sparse(meta):
+        tensors = sparse_format.decode(tensors, meta)
     masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     values = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
 
+    from .structured.persist import Structure  # a physically pruned model: resize the fresh one first
+
+    structure = Structure.from_metadata(meta)
     expected = dict(_clean_state_shapes(model))
-    problems = []
+    problems = [] if structure is None else structure.check(model)
+    if structure is not None:
+        expected = structure.expected_shapes(expected)
     for name, value in values.items():
         if name not in expected:
             if strict:
@@ -107,6 +124,8 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.M
     if meta.get("prunekit_format") not in (None, FORMAT_VERSION):
         raise ValueError(f"{path.name} has prunekit format {meta.get('prunekit_format')}, expected {FORMAT_VERSION}")
 
+    if structure is not None:
+        structure.apply(model)
     with torch.no_grad():
         for name, mask in masks.items():
             masking.attach(model, name, torch.ones_like(mask, dtype=torch.bool))

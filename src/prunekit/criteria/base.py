@@ -25,10 +25,19 @@ class Criterion:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: scores may be negative (group reduction then sums instead of taking a norm)
     signed: ClassVar[bool] = False
+    #: ``prune`` reaches the sparsity in this many rounds, re-scoring before each, the kept fraction
+    #: shrinking geometrically (SynFlow: 100); 1 = one-shot
+    rounds: int = 1
+    #: batches of ``data`` used when the caller gives no ``max_batches`` (None = all; SNIP: one)
+    default_batches: ClassVar[int | None] = None
 
     @property
     def needs_data(self) -> bool:
         return bool(self.needs)
+
+    def prepare(self, model, targets: list[Target], stats: dict[str, TargetStatistics] | None, data=None) -> None:
+        """Called once before the targets are scored, with everything at hand: criteria that need the
+        whole model at once (SynFlow's forward pass, SNIP's normalisation) compute it here."""
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
         """Scores of ``target``'s entries: a float tensor of the parameter's shape."""

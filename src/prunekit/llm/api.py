@@ -1,0 +1,154 @@
+"""``prunekit.llm.prune``: one-shot SparseGPT, Wanda or magnitude pruning of a transformer, block by block."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..pruning import LayerReport, PruneReport
+from ..scope import check_sparsity, warn_emptied
+from .blocks import find_blocks
+from .methods import LayerMethod, get_method, parse_pattern
+from .sequential import as_batches, gather_layers, prune_sequential
+
+__all__ = ["prune", "LLMPruneReport"]
+
+
+@dataclass
+class LLMPruneReport(PruneReport):
+    """A :class:`prunekit.PruneReport` with per-block wall times and the methods' own error estimates."""
+
+    blocks: str = ""
+    block_seconds: list[float] = field(default_factory=list)
+    layer_seconds: dict[str, float] = field(default_factory=dict)
+    layer_errors: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(blocks=self.blocks, block_seconds=self.block_seconds, layer_seconds=self.layer_seconds,
+                   layer_errors=self.layer_errors)
+        return out
+
+
+def _rich_progress(method: str, console: Any = None) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
+    """A rich progress bar over blocks: ``(callback, stop)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(f"[bold]{method}[/bold] blocks"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[last]}"), transient=False, console=console)
+    bar.start()
+    task = bar.add_task("prune", total=None, last="")
+
+    def update(index: int, total: int, seconds: float) -> None:
+        bar.update(task, total=total, completed=index + 1, last=f"block {index}: {seconds:.2f} s")
+
+    return update, bar.stop
+
+
+def prune(
+    model: nn.Module,
+    calibration: Any = None,
+    method: str | LayerMethod = "sparsegpt",
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    *,
+    exclude: Iterable[str] | str = (),
+    blocks: str | None = None,
+    batch_size: int = 8,
+    progress: bool | Callable[[int, int, float], None] = False,
+    **options: Any,
+) -> LLMPruneReport:
+    """Prune every Linear (and GPT-2 ``Conv1D``) inside the transformer blocks of ``model``, in one shot.
+
+    Args:
+        model: a Hugging Face (or any) transformer: its blocks are the ``nn.ModuleList`` of identical layers
+            (``model.layers``, ``model.decoder.layers``, ``transformer.h``, ``encoder.layer``); embeddings,
+            the final norm and the LM head are outside the blocks and are never pruned.
+        calibration: token ids ``(samples, seq_len)`` (see :func:`prunekit.llm.calibration_data`), a tokenizer
+            output with ``input_ids`` and ``attention_mask``, or an iterable of such batches. Not needed by
+            ``magnitude``. Padding tokens (``attention_mask == 0``) are left out of the statistics.
+        method: ``"sparsegpt"`` (OBS weight updates), ``"wanda"`` (``|W| * ||X||``, per output row) or
+            ``"magnitude"`` (per layer); ``prunekit.llm.LLM_METHODS`` lists them.
+        sparsity: the fraction of each layer's weights to prune, in ``[0, 1)`` (default 0.5). With a
+            ``pattern`` leave it out (or give ``1 - N/M``).
+        pattern: an N:M pattern such as ``"2:4"`` or ``"4:8"`` (N kept in every M consecutive inputs).
+        exclude: layer names or glob patterns to leave dense (``"*.mlp.down_proj"``, ``"model.layers.0"``,
+            or a name inside each block such as ``"self_attn.o_proj"``).
+        blocks: the path of the blocks' ``ModuleList`` when it cannot be found automatically.
+        batch_size: calibration samples per forward pass.
+        progress: ``True`` for a rich progress bar, or a callable ``(block_index, num_blocks, seconds)``.
+        **options: method options, e.g. ``blocksize=128, percdamp=0.01`` for SparseGPT.
+
+    Returns a report (per-layer sparsity, per-block time). The result is prunekit masks (plus updated
+    weights for SparseGPT): ``prunekit.sparsity``, ``prunekit.finalize`` and ``prunekit.save`` work on it;
+    call ``prunekit.finalize(model)`` before ``model.save_pretrained``.
+    """
+    # --- validate everything before any change ---------------------------------------------------
+    layer_method = get_method(method, **options)
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        if sparsity is not None and abs(float(sparsity) - nm.sparsity) > 1e-9:
+            raise ValueError(
+                f"the {nm.name} pattern fixes sparsity at {nm.sparsity:g}; got sparsity={sparsity!r} (leave it out)"
+            )
+        target_sparsity = nm.sparsity
+    else:
+        target_sparsity = check_sparsity(0.5 if sparsity is None else sparsity)
+    blocks_name, block_list = find_blocks(model, blocks)
+    layers = gather_layers(blocks_name, block_list, exclude)
+    if not any(layers):
+        raise ValueError("every layer of the blocks is excluded: nothing left to prune")
+    for layer_list in layers:
+        for layer in layer_list:
+            if nm is not None and layer.in_features % nm.m:
+                raise ValueError(
+                    f"{nm.name} pattern: the input dimension of {layer.weight_name} has size "
+                    f"{layer.in_features}, not divisible by M={nm.m}"
+                )
+            if not layer.module.weight.is_floating_point():
+                raise TypeError(f"cannot prune {layer.weight_name}: it holds {layer.module.weight.dtype} values")
+    batches = None
+    if layer_method.needs_data:
+        if calibration is None:
+            raise ValueError(
+                f"method {layer_method.name!r} needs calibration data: token ids (samples, seq_len), e.g. from "
+                "prunekit.llm.calibration_data(tokenizer)"
+            )
+        batches = as_batches(calibration, batch_size)
+
+    # --- prune ---------------------------------------------------------------------------------------
+    callback, stop = (None, None)
+    if progress is True:
+        callback, stop = _rich_progress(layer_method.name)
+    elif callable(progress):
+        callback = progress
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            records = prune_sequential(model, blocks_name, block_list, layers, layer_method, target_sparsity, nm,
+                                       batches, callback)
+    finally:
+        model.train(was_training)
+        if stop is not None:
+            stop()
+
+    rows = [LayerReport(r.name + ".weight", r.shape, r.numel, r.sparsity_before, r.sparsity_after)
+            for block in records for r in block.layers]
+    warn_emptied([(r.name, r.sparsity_after) for r in rows])
+    report = LLMPruneReport(
+        layer_method.name,
+        nm.name if nm is not None else "element",
+        "every block" if nm is not None else layer_method.unstructured_scope,
+        target_sparsity,
+        rows,
+        blocks=blocks_name,
+        block_seconds=[b.seconds for b in records],
+        layer_seconds={r.name + ".weight": r.seconds for b in records for r in b.layers},
+        layer_errors={r.name + ".weight": r.error for b in records for r in b.layers if r.error is not None},
+    )
+    return report

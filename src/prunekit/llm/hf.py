@@ -1,0 +1,143 @@
+"""Loading and saving Hugging Face models offline, pruned ones included.
+
+* :func:`load_model`: a local model folder, never the hub (``local_files_only``): a causal LM when the
+  config names one, else the base model (an encoder such as BERT).
+* :func:`save_pretrained`: bakes prunekit masks into the weights (``prunekit.finalize``) and writes the
+  usual ``config.json`` + ``model.safetensors`` (and the tokenizer), so ``transformers`` loads the result
+  as any other model.
+* :func:`load_pretrained`: reloads a model whose attention heads were removed with different counts per
+  block (or on OPT, GPT-2, BERT): it builds the model from its config, shrinks every block's attention to
+  the recorded ``config.prunekit_attention`` and loads the saved weights. For any other model it is
+  :func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..masking import finalize, masks
+
+__all__ = ["load_model", "load_tokenizer", "save_pretrained", "load_pretrained", "is_causal_lm"]
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _check_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    return path
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether the config's architectures name a causal language model."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
+
+
+def _auto_class(config: Any):
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM if is_causal_lm(config) else tf.AutoModel
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """A model from a local folder (no hub access), in eval mode; heads removed by prunekit are restored."""
+    _offline()
+    path = _check_dir(path)
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if getattr(config, "prunekit_attention", None) is not None:
+        return load_pretrained(path, dtype=dtype)
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return _auto_class(config).from_pretrained(str(path), **kwargs).eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a local folder (``ValueError`` naming the folder when it has none)."""
+    _offline()
+    import transformers as tf
+
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"cannot load a tokenizer from {path}: {error}; pass --tokenizer DIR") from None
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Finalize masks (pruned entries become stored zeros) and ``model.save_pretrained`` with safetensors."""
+    path = Path(path)
+    if masks(model):
+        finalize(model)
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True
+    model.save_pretrained(str(path), **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors")
+    return [single]
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Reload a saved model whose attention heads prunekit removed (any counts per block)."""
+    _offline()
+    path = _check_dir(path)
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    from .heads import attention_layers, remove_heads
+
+    config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    info = getattr(config, "prunekit_attention", None)
+    if info is None:
+        return load_model(path, dtype=dtype)
+    model = _auto_class(config).from_config(config)
+    attns = attention_layers(model)
+    heads, kv = info["num_heads"], info["num_kv_heads"]
+    if len(heads) != len(attns):
+        raise ValueError(f"config.prunekit_attention lists {len(heads)} blocks, the model has {len(attns)}")
+    plan = {}
+    for a, h, k in zip(attns, heads, kv):
+        g_old, g_new = a.group_size, h // k
+        plan[a.block] = [j * g_old + i for j in range(a.num_kv_heads) for i in range(g_old) if j >= k or i >= g_new]
+    remove_heads(model, plan)
+    state = {}
+    for f in _weight_files(path):
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: unexpected weights {result.unexpected_keys[:3]}")
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing:
+        raise ValueError(f"{path}: missing weights {missing[:3]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

@@ -1,0 +1,302 @@
+"""Sequential, block-by-block calibration: the inputs of block ``i`` come out of blocks ``0..i-1``, already pruned.
+
+1. The calibration batches run through the model once, with every block's ``forward`` replaced by the
+   identity; a pre-hook on each block records the arguments it receives (attention masks, position
+   embeddings, ...), and the hidden states entering block 0 are kept. The pass stops before whatever
+   follows the last block (the final norm and the LM head never run).
+2. For each block in turn: forward hooks on its prunable layers accumulate their input statistics while
+   the block runs on the current hidden states; each layer is pruned (mask attached, weights updated
+   for reconstructing methods) and its statistics are freed; then the *pruned* block runs again and its
+   outputs replace its inputs, batch by batch, as the next block's inputs.
+
+At any time one set of hidden states (``samples x seq_len x hidden``) and one block's statistics are in
+memory, whatever the number of blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import masking
+from .blocks import BlockLayer, block_layers, current_keep, matrix_to_weight, weight_matrix
+from .methods import LayerMethod
+
+__all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord"]
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class BlockInputs:
+    """What the blocks receive, per calibration batch."""
+
+    hidden: list[Tensor]  # the hidden states entering the current block, one tensor per batch
+    args: list[list[tuple]]  # [block][batch] -> positional arguments after the hidden states
+    kwargs: list[list[dict]]  # [block][batch] -> keyword arguments
+    token_masks: list[Tensor | None]  # [batch] -> (batch, seq) bool, True = a real token (None: all)
+    hidden_as_kwarg: bool = False
+    tuple_output: bool = False
+
+
+def as_batches(calibration: Any, batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """Calibration data as a list of keyword-argument batches for the model.
+
+    Accepted: a 2-D integer tensor of token ids ``(samples, seq_len)``; a mapping of tensors with
+    ``input_ids`` (e.g. a tokenizer's output, with ``attention_mask``); or an iterable of such mappings.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(calibration, Tensor):
+        calibration = {"input_ids": calibration}
+    if isinstance(calibration, Mapping):
+        ids = calibration.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ValueError("calibration must hold 'input_ids' as a 2-D tensor (samples, seq_len)")
+        n = ids.shape[0]
+        batches = [
+            {k: v[i : i + batch_size] if isinstance(v, Tensor) and v.shape[:1] == (n,) else v
+             for k, v in calibration.items()}
+            for i in range(0, n, batch_size)
+        ]
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
+        batches = [dict(b) if isinstance(b, Mapping) else {"input_ids": b} for b in calibration]
+    else:
+        raise TypeError(
+            "calibration must be a tensor of token ids (samples, seq_len), a mapping with input_ids, "
+            f"or an iterable of such batches; got {type(calibration).__name__}"
+        )
+    if not batches:
+        raise ValueError("the calibration data is empty")
+    for b in batches:
+        ids = b.get("input_ids")
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError("every calibration batch needs non-empty 2-D input_ids (batch, seq_len)")
+        if ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer token ids, got {ids.dtype}")
+    return batches
+
+
+def _device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict, bool]:
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs), False
+    if "hidden_states" in kwargs:
+        rest = dict(kwargs)
+        return rest.pop("hidden_states"), (), rest, True
+    raise ValueError("cannot find the hidden states among the block's arguments")
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Mapping]) -> BlockInputs:
+    """Run the batches up to the blocks and record what each block receives (see the module docstring)."""
+    device = next(model.parameters()).device
+    extra = _forward_kwargs(model)
+    n_blocks = len(blocks)
+    first: dict[str, Any] = {}
+
+    def stop_at_first(module, args, kwargs):
+        first["value"] = _hidden_of(args, kwargs)
+        raise _Stop
+
+    # 1. The first batch up to block 0, then block 0 once: is its output a tensor or a tuple?
+    handle = blocks[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
+    try:
+        model(**{k: _to(v, device) for k, v in batches[0].items()}, **extra)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if "value" not in first:
+        raise ValueError("the model's forward pass never reached its first block")
+    h, a, kw, as_kwarg = first["value"]
+    out = blocks[0](*a, hidden_states=h, **kw) if as_kwarg else blocks[0](h, *a, **kw)
+    tuple_output = isinstance(out, tuple)
+    del out, first
+
+    # 2. Every batch through identity blocks, recording each block's arguments.
+    inputs = BlockInputs([], [[] for _ in blocks], [[] for _ in blocks], [], as_kwarg, tuple_output)
+
+    def identity(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if tuple_output else hidden
+
+    def recorder(index: int):
+        def hook(module, args, kwargs):
+            hidden, rest_args, rest_kwargs, _ = _hidden_of(args, kwargs)
+            inputs.args[index].append(rest_args)
+            inputs.kwargs[index].append(rest_kwargs)
+            if index == 0:
+                inputs.hidden.append(hidden.detach())
+            if index == n_blocks - 1:
+                raise _Stop
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    for b in blocks:
+        b.forward = identity
+    try:
+        for batch in batches:
+            try:
+                model(**{k: _to(v, device) for k, v in batch.items()}, **extra)
+            except _Stop:
+                pass
+            mask = batch.get("attention_mask")
+            inputs.token_masks.append(None if mask is None else mask.to(torch.bool))
+    finally:
+        for b in blocks:
+            del b.forward
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
+def run_block(block: nn.Module, inputs: BlockInputs, index: int, batch: int, hidden: Tensor | None = None) -> Tensor:
+    """Block ``index`` on calibration batch ``batch`` (on its current hidden states unless given)."""
+    h = inputs.hidden[batch] if hidden is None else hidden
+    device = _device(block)
+    h = h.to(device)
+    args = tuple(_to(a, device) for a in inputs.args[index][batch])
+    kwargs = {k: _to(v, device) for k, v in inputs.kwargs[index][batch].items()}
+    out = block(*args, hidden_states=h, **kwargs) if inputs.hidden_as_kwarg else block(h, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class LayerRecord:
+    """One pruned layer, for the report."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    sparsity_before: float
+    sparsity_after: float
+    seconds: float
+    error: float | None = None
+
+
+@dataclass
+class BlockRecord:
+    index: int
+    seconds: float
+    layers: list[LayerRecord] = field(default_factory=list)
+
+
+def _stats_hook(acc, token_masks: list, current: list[int]):
+    def hook(module, args, output):
+        x = args[0].detach()
+        mask = token_masks[current[0]]
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.to(x.device)]
+        acc.add(x.reshape(-1, x.shape[-1]))
+
+    return hook
+
+
+def _fraction_pruned(mask: Tensor | None) -> float:
+    return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()
+
+
+def prune_block(
+    model: nn.Module,
+    block: nn.Module,
+    layers: Sequence[BlockLayer],
+    method: LayerMethod,
+    sparsity: float,
+    pattern,
+    inputs: BlockInputs | None,
+    index: int,
+) -> list[LayerRecord]:
+    """Collect the block's layer statistics on ``inputs``, then prune every layer of the block."""
+    stats: dict[str, Any] = {}
+    if method.needs_data:
+        current = [0]
+        handles = []
+        for layer in layers:
+            acc = method.statistics(layer.in_features, _device(layer.module))
+            stats[layer.name] = acc
+            handles.append(layer.module.register_forward_hook(_stats_hook(acc, inputs.token_masks, current)))
+        try:
+            for b in range(len(inputs.hidden)):
+                current[0] = b
+                run_block(block, inputs, index, b)
+        finally:
+            for handle in handles:
+                handle.remove()
+    owners = masking.parameter_owners(block)
+    records = []
+    for layer in layers:
+        start = time.perf_counter()
+        before_mask = masking.get_mask(model, layer.weight_name)
+        before = _fraction_pruned(before_mask)
+        result = method.prune(weight_matrix(layer), stats.pop(layer.name, None), sparsity, pattern,
+                              current_keep(model, layer))
+        param = masking.raw_parameter(layer.module, "weight")
+        if result.weight is not None:
+            with torch.no_grad():
+                param.copy_(matrix_to_weight(layer, result.weight).to(param.dtype))
+        keep = matrix_to_weight(layer, result.keep).contiguous()
+        after = masking.attach(model, layer.weight_name, keep, copy=False, owners=owners[id(param)])
+        records.append(LayerRecord(layer.name, tuple(param.shape), param.numel(), before, _fraction_pruned(after),
+                                   time.perf_counter() - start, result.error))
+    return records
+
+
+def prune_sequential(
+    model: nn.Module,
+    blocks_name: str,
+    blocks: nn.ModuleList,
+    layers: Sequence[Sequence[BlockLayer]],
+    method: LayerMethod,
+    sparsity: float,
+    pattern,
+    batches: Sequence[Mapping] | None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[BlockRecord]:
+    """Prune every block in order; ``layers[i]`` are block ``i``'s targets (already validated)."""
+    inputs = capture_block_inputs(model, blocks, batches) if method.needs_data else None
+    records = []
+    for i, block in enumerate(blocks):
+        start = time.perf_counter()
+        layer_records = prune_block(model, block, layers[i], method, sparsity, pattern, inputs, i) if layers[i] else []
+        if inputs is not None and i < len(blocks) - 1:
+            for b in range(len(inputs.hidden)):
+                inputs.hidden[b] = run_block(block, inputs, i, b).detach()
+        seconds = time.perf_counter() - start
+        records.append(BlockRecord(i, seconds, layer_records))
+        if progress is not None:
+            progress(i, len(blocks), seconds)
+    return records
+
+
+def gather_layers(
+    blocks_name: str, blocks: nn.ModuleList, exclude: Iterable[str] = ()
+) -> list[list[BlockLayer]]:
+    """Every block's prunable layers minus ``exclude``; every exclude pattern must match something."""
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    used: set[str] = set()
+    found = [block_layers(b, f"{blocks_name}.{i}", exclude, used) for i, b in enumerate(blocks)]
+    unused = [p for p in exclude if p not in used]
+    if unused:
+        raise ValueError(f"exclude pattern {unused[0]!r} matches no layer inside the blocks ({blocks_name}.*)")
+    return found

@@ -1,0 +1,45 @@
+"""Attach and detach one extra parametrization on a target (and on every module tied to it)."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .. import masking
+from ..targets import Target
+
+
+def attach_parametrization(target: Target, parametrization: nn.Module) -> None:
+    """Append ``parametrization`` to the target's parametrizations (after any pruning mask)."""
+    for owner in target.owners:
+        if not parametrize.is_parametrized(owner.module):
+            masking._own_class(owner.module)
+        parametrize.register_parametrization(owner.module, owner.param_name, parametrization, unsafe=True)
+
+
+def detach_parametrization(target: Target, parametrization: nn.Module) -> None:
+    """Remove ``parametrization`` from the target, leaving the others (the stored values are unchanged)."""
+    for owner in target.owners:
+        if not parametrize.is_parametrized(owner.module, owner.param_name):
+            continue
+        plist = owner.module.parametrizations[owner.param_name]
+        if len(plist) == 1 and plist[0] is parametrization:
+            masking._own_class(owner.module)
+            parametrize.remove_parametrizations(owner.module, owner.param_name, leave_parametrized=False)
+            continue
+        for i in reversed(range(len(plist))):
+            if plist[i] is parametrization:
+                del plist[i]
+    if len(target.owners) > 1:  # removing parametrizations gives each owner its own Parameter: re-tie
+        first = target.owners[0]
+        if not parametrize.is_parametrized(first.module, first.param_name):
+            shared = first.module._parameters[first.param_name]
+            for owner in target.owners[1:]:
+                if not parametrize.is_parametrized(owner.module, owner.param_name):
+                    owner.module._parameters[owner.param_name] = shared
+
+
+def check_supported(target: Target, kinds: tuple[type[nn.Module], ...], what: str) -> None:
+    if not isinstance(target.module, kinds) or target.param_name != "weight":
+        names = ", ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{what} handles the weights of {names} layers; {target.name} is not one")

@@ -1,0 +1,37 @@
+"""Structured pruning: the dependency graph, physical removal of channels, filters, neurons, heads and
+residual blocks, group criteria, and channel masks that agree with surgery.
+
+    import prunekit as pk
+    graph = pk.structured.DependencyGraph(model, example_inputs)
+    graph.groups()                                             # what must shrink together
+    pk.structured.prune(model, example_inputs, ratio=0.5, method="l1", scope="local")
+"""
+
+from . import rules  # noqa: F401  (registers the built-in rules, MultiheadAttention included)
+from ._types import UnsupportedOperationError
+from .graph import Boundary, DependencyGraph, Group, Member
+from .mha import PrunedMultiheadAttention
+from .rules import ModuleRule, register_rule
+from .surgery import channel_masks, remove_channels
+
+__all__ = [
+    "DependencyGraph",
+    "Group",
+    "Member",
+    "Boundary",
+    "UnsupportedOperationError",
+    "register_rule",
+    "ModuleRule",
+    "remove_channels",
+    "channel_masks",
+    "PrunedMultiheadAttention",
+]
+
+from .api import GroupReport, StructuredReport, prune, remove, remove_dead, select_channels  # noqa: E402
+from .blocks import RemovedBlock, block_scores, remove_blocks, residual_blocks  # noqa: E402
+from .criteria import GROUP_CRITERIA, GroupCriterion, get_group_criterion  # noqa: E402
+from .spec import StructuredSpec  # noqa: E402
+
+__all__ += ["prune", "remove", "remove_dead", "select_channels", "StructuredReport", "GroupReport",
+            "GROUP_CRITERIA", "GroupCriterion", "get_group_criterion", "StructuredSpec", "remove_blocks",
+            "residual_blocks", "block_scores", "RemovedBlock"]

@@ -1,0 +1,391 @@
+"""Group criteria: one score per channel of a group (higher = more important = kept).
+
+Weight criteria aggregate over *every* parameter slice of the channel, in every member of its group (a
+filter, its bias, its normalisation scale and shift, and the next layers' input columns), so that a
+channel's importance is judged from everything that goes with it.
+
+====================  =============================================================================
+``l1`` / ``l2``        sum of |w| / sqrt of the sum of w^2 over all parameter slices of the channel
+``bn_scale``           |gamma| of the channel's normalisation layers (Network Slimming, Liu et al. 2017)
+``taylor``             (sum over the channel's slices of w * dL/dw)^2, averaged over batches
+                       (Molchanov et al. 2019, first-order group Taylor)
+``apoz``               1 - average percentage of zeros of the channel's activations (Hu et al. 2016)
+``activation``         mean |activation| of the channel
+``entropy``            entropy of the channel's pooled activations over samples, 10-bin histogram
+                       (Luo & Wu 2017)
+``lda``                Fisher's discriminant ratio of the channel's pooled activations between the
+                       classes: between-class over within-class variance (needs labelled batches)
+``similarity``         1 - max cosine similarity of the channel's filter to a filter of larger norm
+``correlation``        1 - max |correlation| of the channel's activations with a more active channel
+``random``             seeded uniform scores
+====================  =============================================================================
+
+Activations are read where layers read the channel (the graph's taps), averaged over taps.
+The redundancy criteria (``similarity``, ``correlation``) compare each channel only with channels ranked
+above it (by norm or by activity), so of two identical channels one keeps score 1 and the other gets 0:
+pruning removes one copy, not both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Registry
+from ..statistics import LossFn, batch_loss
+from .graph import DependencyGraph, Group, Member
+from .statistics import TapStatistics, collect_activation_statistics
+
+__all__ = ["GroupCriterion", "GROUP_CRITERIA", "get_group_criterion", "ScoringContext", "channel_reduce"]
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+_ENTROPY_BINS = 10
+
+
+class GroupCriterion:
+    """Base class: ``score(group, context)`` returns a float tensor with one score per channel."""
+
+    name: ClassVar[str] = ""
+    #: what it reads: "weights", "gradients", "activations", "samples" (per-sample activations),
+    #: "labels" (per-sample activations and class labels)
+    needs: ClassVar[str] = "weights"
+
+    @property
+    def needs_data(self) -> bool:
+        return self.needs != "weights"
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        raise NotImplementedError
+
+
+GROUP_CRITERIA: Registry[type[GroupCriterion]] = Registry("structured method")
+
+
+def get_group_criterion(method: str | GroupCriterion) -> GroupCriterion:
+    if isinstance(method, GroupCriterion):
+        return method
+    return GROUP_CRITERIA.get(method)()
+
+
+def _effective(member: Member) -> Tensor:
+    t = member.info.tensor.detach()
+    if member.info.mask is not None:
+        t = t * member.info.mask
+    return t
+
+
+def _rows(member: Member, tensor: Tensor | None = None) -> Tensor:
+    """The member's slices as rows: (positions, everything else)."""
+    t = _effective(member) if tensor is None else tensor
+    moved = t.movedim(member.dim, 0).index_select(0, member.index.to(t.device))
+    return moved.reshape(moved.shape[0], -1).float()
+
+
+def channel_reduce(member: Member, per_position: Tensor, size: int, how: str = "sum") -> Tensor:
+    """Reduce per-position values of a member to per-channel values (``sum`` or ``amax``)."""
+    out = torch.zeros(size, dtype=per_position.dtype)
+    if how == "sum":
+        return out.index_add_(0, member.channel, per_position.cpu())
+    return out.scatter_reduce_(0, member.channel, per_position.cpu(), "amax", include_self=True)
+
+
+def _parameters(group: Group) -> list[Member]:
+    return [m for m in group.members if m.kind == "parameter" and m.info.tensor.is_floating_point()]
+
+
+@dataclass
+class ScoringContext:
+    """Everything criteria may read, computed once per pruning call and shared."""
+
+    graph: DependencyGraph
+    data: Iterable | None = None
+    loss_fn: LossFn | None = None
+    max_batches: int | None = None
+    seed: int = 0
+    _taps: dict | None = field(default=None, repr=False)
+    _taylor: dict | None = field(default=None, repr=False)
+
+    # --- activations ----------------------------------------------------------------------------
+    def activations(self, per_sample: bool) -> dict[tuple[str, int], TapStatistics]:
+        if self._taps is None or (per_sample and not any(s.samples for s in self._taps.values())):
+            if self.data is None:
+                raise ValueError("this method is data-driven: pass data= (an iterable of calibration batches)")
+            taps = sorted({(t.module_name, t.dim) for t in self.graph._taps if t.module_name is not None})
+            self._taps = collect_activation_statistics(self.graph.model, taps, self.data, per_sample=per_sample,
+                                                       max_batches=self.max_batches)
+        return self._taps
+
+    def group_taps(self, group: Group) -> list[tuple[Tensor, Tensor, TapStatistics]]:
+        """(positions, channel of each position, statistics) for every tap reading ``group``."""
+        roots = self.graph._atoms.roots()
+        lookup = {int(r): i for i, r in enumerate(group.roots.tolist())}
+        found = []
+        seen = set()
+        for tap in self.graph._taps:
+            if tap.module_name is None or (tap.module_name, tap.dim) in seen:
+                continue
+            labels = tap.labels
+            valid = labels >= 0
+            comps = torch.full_like(labels, -1)
+            comps[valid] = roots[labels[valid]]
+            channel = torch.tensor([lookup.get(int(c), -1) for c in comps.tolist()], dtype=torch.long)
+            pos = (channel >= 0).nonzero().flatten()
+            if pos.numel():
+                seen.add((tap.module_name, tap.dim))
+                found.append((pos, channel[pos], (tap.module_name, tap.dim)))
+        if not found:
+            raise ValueError(
+                f"group {group.name}: no layer module reads its channels, so activation statistics are unavailable"
+            )
+        return found
+
+    def channel_activation(self, group: Group, what: Callable[[TapStatistics], Tensor], per_sample: bool = False):
+        """Per-tap per-channel values of ``what`` (a per-index statistic), averaged over each channel's indices."""
+        stats = self.activations(per_sample)
+        out = []
+        for pos, channel, key in self.group_taps(group):
+            values = what(stats[key])[pos]
+            total = torch.zeros(group.size).index_add_(0, channel, values.float())
+            count = torch.zeros(group.size).index_add_(0, channel, torch.ones(pos.numel()))
+            out.append(total / count.clamp_min(1))
+        return out
+
+    def channel_samples(self, group: Group) -> list[tuple[Tensor, Tensor]]:
+        """Per tap: (samples x channels pooled activations, sample labels)."""
+        stats = self.activations(per_sample=True)
+        out = []
+        for pos, channel, key in self.group_taps(group):
+            s = stats[key]
+            samples = s.per_sample()
+            if samples.numel() == 0:
+                raise ValueError(f"no per-sample activations were recorded for {key[0]}")
+            values = samples[:, pos]
+            total = torch.zeros(samples.shape[0], group.size).index_add_(1, channel, values)
+            count = torch.zeros(group.size).index_add_(0, channel, torch.ones(pos.numel()))
+            out.append((total / count.clamp_min(1), s.sample_labels()))
+        return out
+
+    # --- gradients ------------------------------------------------------------------------------
+    def taylor(self) -> dict[int, Tensor]:
+        """{group index: mean over batches of (sum of w * dL/dw over the channel's slices)^2}."""
+        if self._taylor is not None:
+            return self._taylor
+        if self.data is None:
+            raise ValueError("method 'taylor' is data-driven: pass data= (batches of (inputs, labels)) and, "
+                             "unless the loss is cross-entropy, loss_fn=")
+        groups = self.graph.groups()
+        infos = {}
+        for g in groups:
+            for m in _parameters(g):
+                if m.info.tensor.requires_grad:
+                    infos[id(m.info)] = m.info
+        params = [i.tensor for i in infos.values()]
+        index = {id(i): k for k, i in enumerate(infos.values())}
+        sums = {g.index: torch.zeros(g.size) for g in groups}
+        model = self.graph.model
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        batches = 0
+        try:
+            from itertools import islice
+
+            for batch in islice(self.data, self.max_batches):
+                with torch.enable_grad():
+                    loss = batch_loss(model, batch, self.loss_fn)
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for g in groups:
+                    gate = torch.zeros(g.size)
+                    for m in _parameters(g):
+                        k = index.get(id(m.info))
+                        if k is None or grads[k] is None:
+                            continue
+                        product = _rows(m) * _rows(m, grads[k].detach() * (m.info.mask if m.info.mask is not None else 1))
+                        gate += channel_reduce(m, product.sum(1), g.size)
+                    sums[g.index] += gate.square()
+                batches += 1
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if batches == 0:
+            raise ValueError("the calibration data yielded no batch")
+        self._taylor = {k: v / batches for k, v in sums.items()}
+        return self._taylor
+
+
+def _register(name: str, summary: str):
+    def add(cls):
+        cls.name = name
+        GROUP_CRITERIA.add(name, cls, summary)
+        return cls
+
+    return add
+
+
+@_register("l1", "sum of |w| over every parameter slice of the channel (filter, bias, norm, next layers' inputs)")
+class L1(GroupCriterion):
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        total = torch.zeros(group.size)
+        for m in _parameters(group):
+            total += channel_reduce(m, _rows(m).abs().sum(1), group.size)
+        return total
+
+
+@_register("l2", "sqrt of the sum of w^2 over every parameter slice of the channel")
+class L2(GroupCriterion):
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        total = torch.zeros(group.size)
+        for m in _parameters(group):
+            total += channel_reduce(m, _rows(m).square().sum(1), group.size)
+        return total.sqrt()
+
+
+@_register("bn_scale", "|gamma| of the channel's normalisation layers (Network Slimming, Liu et al. 2017)")
+class BNScale(GroupCriterion):
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        modules = dict(context.graph.model.named_modules())
+        norms = [m for m in _parameters(group) if m.attr == "weight" and isinstance(modules.get(m.module_name), _NORMS)]
+        if not norms:
+            raise ValueError(
+                f"method 'bn_scale' needs a normalisation layer with a scale in every group; group {group.name} "
+                "has none (exclude its layers, or use another method)"
+            )
+        total = torch.zeros(group.size)
+        for m in norms:
+            total += channel_reduce(m, _rows(m).abs().sum(1), group.size)
+        return total
+
+
+@_register("taylor", "(sum of w*dL/dw over the channel's slices)^2, mean over batches (Molchanov et al. 2019)")
+class GroupTaylor(GroupCriterion):
+    needs = "gradients"
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        return context.taylor()[group.index]
+
+
+@_register("apoz", "1 - average percentage of zeros of the channel's activations (Hu et al. 2016)")
+class APoZ(GroupCriterion):
+    needs = "activations"
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        per_tap = context.channel_activation(group, lambda s: s.apoz)
+        return 1.0 - torch.stack(per_tap).mean(0)
+
+
+@_register("activation", "mean |activation| of the channel where the next layers read it")
+class MeanActivation(GroupCriterion):
+    needs = "activations"
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        return torch.stack(context.channel_activation(group, lambda s: s.mean_abs)).mean(0)
+
+
+def histogram_entropy(samples: Tensor, bins: int = _ENTROPY_BINS) -> Tensor:
+    """Entropy (nats) of each column's values in ``bins`` equal bins between its min and max."""
+    low, high = samples.min(0).values, samples.max(0).values
+    span = (high - low).clamp_min(1e-12)
+    idx = ((samples - low) / span * bins).long().clamp_(0, bins - 1)
+    counts = torch.zeros(bins, samples.shape[1]).scatter_add_(0, idx, torch.ones_like(samples))
+    p = counts / samples.shape[0]
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(0)
+    return torch.where(high > low, ent, torch.zeros_like(ent))
+
+
+@_register("entropy", "entropy of the channel's pooled activations over samples, 10 bins (Luo & Wu 2017)")
+class Entropy(GroupCriterion):
+    needs = "samples"
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        return torch.stack([histogram_entropy(s) for s, _ in context.channel_samples(group)]).mean(0)
+
+
+def fisher_ratio(samples: Tensor, labels: Tensor) -> Tensor:
+    """Between-class variance over within-class variance of each column (Fisher's LDA criterion)."""
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    k = classes.numel()
+    counts = torch.zeros(k).index_add_(0, inverse, torch.ones(labels.numel()))
+    means = torch.zeros(k, samples.shape[1]).index_add_(0, inverse, samples) / counts[:, None]
+    overall = samples.mean(0)
+    between = (counts[:, None] * (means - overall).square()).sum(0)
+    within = (samples - means[inverse]).square().sum(0)
+    return between / within.clamp_min(1e-12)
+
+
+@_register("lda", "between-class / within-class variance of the channel's activations (labelled data)")
+class LDA(GroupCriterion):
+    needs = "labels"
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        scores = []
+        for samples, labels in context.channel_samples(group):
+            if labels.numel() != samples.shape[0]:
+                raise ValueError("method 'lda' needs labelled batches: (inputs, labels)")
+            scores.append(fisher_ratio(samples, labels))
+        return torch.stack(scores).mean(0)
+
+
+def ranked_redundancy(vectors: Tensor, rank: Tensor, absolute: bool) -> Tensor:
+    """1 - max similarity of each row to any row ranked higher (``rank`` larger = more important)."""
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = unit @ unit.t()
+    if absolute:
+        sim = sim.abs()
+    n = vectors.shape[0]
+    order = torch.argsort(rank, descending=True, stable=True)
+    position = torch.empty(n, dtype=torch.long)
+    position[order] = torch.arange(n)
+    above = position[None, :] < position[:, None]  # above[i, j]: j ranked before i
+    masked = torch.where(above, sim, torch.full_like(sim, -math.inf if not absolute else 0.0))
+    best = masked.max(1).values
+    best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+    return 1.0 - best.clamp(min=0.0) if not absolute else 1.0 - best
+
+
+@_register("similarity", "1 - max cosine similarity of the channel's filter to a filter of larger norm (redundancy)")
+class FilterSimilarity(GroupCriterion):
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        members = [m for m in _parameters(group) if "out" in m.roles] or _parameters(group)
+        parts = []
+        for m in members:
+            rows = _rows(m)
+            # one vector per channel: concatenate its slices (every channel has the same layout)
+            order = torch.argsort(m.channel, stable=True)
+            counts = torch.bincount(m.channel, minlength=group.size)
+            if counts.min() != counts.max():
+                continue
+            per_channel = rows[order].reshape(group.size, -1)
+            parts.append(per_channel)
+        if not parts:
+            raise ValueError(f"group {group.name}: its filters do not have one layout, similarity is undefined")
+        vectors = torch.cat(parts, 1)
+        return ranked_redundancy(vectors, vectors.norm(dim=1), absolute=False)
+
+
+@_register("correlation", "1 - max |correlation| of the channel's activations with a more active channel")
+class ActivationCorrelation(GroupCriterion):
+    needs = "samples"
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        scores = []
+        for samples, _ in context.channel_samples(group):
+            centred = samples - samples.mean(0)
+            scores.append(ranked_redundancy(centred.t(), samples.abs().mean(0), absolute=True))
+        return torch.stack(scores).mean(0)
+
+
+@_register("random", "uniform random scores, seeded: the baseline")
+class RandomScores(GroupCriterion):
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        generator = torch.Generator().manual_seed(context.seed * 1_000_003 + group.index)
+        return torch.rand(group.size, generator=generator)
+
+
+def describe() -> list[tuple[str, str]]:
+    """(name, summary) of every group criterion, for ``prunekit methods``."""
+    return list(GROUP_CRITERIA.items())
+

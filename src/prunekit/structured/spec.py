@@ -1,0 +1,134 @@
+"""Iterative structured pruning through the same ``Pruner`` and schedules.
+
+    spec = pk.structured.StructuredSpec(model, example_inputs, method="l1", scope="global")
+    pruner = pk.Pruner(model, pk.schedules.AGP(final=0.5, start=0, end=300, every=50), structured=spec)
+    ...; optimizer.step(); pruner.step()        # channel groups are masked on the schedule
+    spec.compact()                              # then removed physically (outputs unchanged)
+
+During training the channels are *masked* (every parameter of the group, norm biases included), so the
+optimizer keeps its parameters and its state; ``compact`` turns the masks into surgery at the end. The
+schedule's sparsity is the fraction of channels removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import masking
+from ..pruning import LayerReport, PruneReport
+from ..scope import check_sparsity
+from ..statistics import LossFn
+from .api import SCOPES, StructuredReport, _check_round_to, masked_channels, remove_dead, score_groups, select_channels
+from .criteria import GroupCriterion, ScoringContext, get_group_criterion
+from .graph import DependencyGraph
+from .surgery import channel_masks
+
+__all__ = ["StructuredSpec"]
+
+
+class _NoGradientStatistics:
+    """What the Pruner reads as ``spec.criterion``: structured criteria collect their own statistics."""
+
+    needs: frozenset[str] = frozenset()
+    name = "structured"
+
+
+class StructuredSpec:
+    """A validated structured-pruning configuration, usable by ``pk.Pruner(..., structured=spec)``.
+
+    Arguments as in :func:`prunekit.structured.prune`; ``data`` (or the Pruner's ``data=``) feeds the
+    data-driven methods at every prune step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        method: str | GroupCriterion = "l1",
+        scope: str = "local",
+        *,
+        exclude: Iterable[str] | str = (),
+        round_to: int | None = None,
+        min_channels: int = 1,
+        data: Iterable | None = None,
+        loss_fn: LossFn | None = None,
+        max_batches: int | None = None,
+        seed: int = 0,
+        unknown: str = "error",
+    ) -> None:
+        self.group_criterion = get_group_criterion(method)
+        if scope not in SCOPES:
+            from ..registry import unknown_name_message
+
+            raise ValueError(unknown_name_message("structured scope", scope, SCOPES))
+        self.round_to = _check_round_to(round_to)
+        self.min_channels = min_channels
+        self.model = model
+        self.example_inputs = example_inputs
+        self.scope_name = scope
+        self.data, self.loss_fn, self.max_batches, self.seed = data, loss_fn, max_batches, seed
+        self.exclude, self.unknown = exclude, unknown
+        self.graph = DependencyGraph(model, example_inputs, exclude=exclude, unknown=unknown)
+        if not self.graph.groups():
+            raise ValueError("the model has no prunable channel group (see DependencyGraph(...).boundaries())")
+        self.criterion = _NoGradientStatistics()
+        self.granularity = "channel"
+        self.targets: list = []
+
+    @property
+    def method_name(self) -> str:
+        return self.group_criterion.name or type(self.group_criterion).__name__
+
+    def check_sparsity(self, sparsity: float | None) -> float:
+        if sparsity is None:
+            raise ValueError("sparsity (the fraction of channels to remove) is required")
+        return check_sparsity(sparsity)
+
+    def statistics(self, data, loss_fn, max_batches=None) -> None:
+        return None
+
+    def _refresh_masks(self) -> None:
+        for info in self.graph._infos.values():
+            if info.kind == "parameter":
+                info.mask = masking.get_mask(self.model, info.name)
+
+    def masked(self) -> list[torch.Tensor]:
+        """Per group, which channels are masked out now."""
+        self._refresh_masks()
+        return [masked_channels(g) for g in self.graph.groups()]
+
+    def compute_masks(self, sparsity: float, stats: Mapping | None = None, data: Iterable | None = None) -> dict[int, torch.Tensor]:
+        """Channels to mask per group (``{group index: channels}``) so that ``sparsity`` of all channels
+        are masked; channels masked before stay masked. The model is not changed."""
+        sparsity = self.check_sparsity(sparsity)
+        data = self.data if self.data is not None else data
+        if self.group_criterion.needs_data and data is None:
+            raise ValueError(f"method {self.method_name!r} is data-driven: give the StructuredSpec (or the Pruner) data=")
+        already = self.masked()
+        context = ScoringContext(self.graph, data, self.loss_fn, self.max_batches, self.seed)
+        scores = score_groups(self.graph, self.group_criterion, context)
+        return select_channels(self.graph.groups(), scores, sparsity, self.scope_name, round_to=self.round_to,
+                               min_channels=self.min_channels, already=already)
+
+    def apply(self, removal: Mapping[int, torch.Tensor]) -> list[LayerReport]:
+        """Mask the channels (every parameter of their group); one report row per group."""
+        before = [m.float().mean().item() for m in self.masked()]
+        with torch.no_grad():
+            for name, keep in channel_masks(self.graph, removal).items():
+                masking.attach(self.model, name, keep, copy=False)
+        after = [m.float().mean().item() for m in self.masked()]
+        return [LayerReport(g.name, (g.size,), g.size, b, a) for g, b, a in zip(self.graph.groups(), before, after)]
+
+    def report(self, sparsity: float | None, rows: list[LayerReport]) -> PruneReport:
+        return PruneReport(self.method_name, "channel", self.scope_name, sparsity, rows)
+
+    def compact(self) -> StructuredReport:
+        """Remove the masked channels physically (and any other dead channel): outputs are unchanged.
+        The spec cannot prune further afterwards (build a new one)."""
+        report = remove_dead(self.model, self.example_inputs, exclude=self.exclude, unknown=self.unknown)
+        self.graph.stale = True
+        return report

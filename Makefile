@@ -30,6 +30,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/global_magnitude.py
+	$(BIN)/python benchmarks/sparse_inference.py
 
 clean:
 	rm -rf $(VENV) prunekit-demo .pytest_cache

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whateve
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prunekit as pk  # noqa: E402
-from global_magnitude import _cpu_name, _reset_peak, _source_state, _status, _trim, run_child  # noqa: E402
+from global_magnitude import _cpu_name, _reset_peak, _source_state, _status, _trim  # noqa: E402
 
 _MB = 1 << 20
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -59,14 +59,17 @@ METHODS = ("sparsegpt", "wanda", "magnitude")
 # --- data -------------------------------------------------------------------------------------------
 
 
-def token_data(samples: int, seq_len: int, eval_tokens: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+def token_data(samples: int, seq_len: int, eval_tokens: int, vocab: int, seed: int = 0,
+               text: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(calibration (samples, seq_len), held-out stream (eval_tokens,), where the ids come from)."""
-    try:
-        from prunekit.llm.models import load_minilm
+    tokenizer = None
+    if text:
+        try:
+            from prunekit.llm.models import load_minilm
 
-        _, tokenizer = load_minilm()
-    except ImportError:
-        tokenizer = None
+            _, tokenizer = load_minilm()
+        except ImportError:
+            pass
     if tokenizer is not None and tokenizer.vocab_size <= vocab:
         calib = pk.llm.calibration_data(tokenizer, num_samples=samples, seq_len=seq_len, seed=seed)
         from prunekit.llm.calibration import builtin_text, tokenize_text
@@ -140,6 +143,31 @@ def measure(method: str, model_name: str, data_path: str, threads: int, seq_len:
     }
 
 
+def _child(conn, *args) -> None:
+    try:
+        conn.send(measure(*args))
+    except BaseException:
+        import traceback
+
+        conn.send({"error": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def run_child(ctx, *args) -> dict:
+    """``measure(*args)`` in a fresh forked process."""
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, *args))
+    proc.start()
+    child.close()
+    try:
+        result = parent.recv()
+    except EOFError:
+        result = {"error": "the child died without a result (killed for memory?)"}
+    proc.join()
+    return result
+
+
 # --- MiniLM quality ----------------------------------------------------------------------------------------
 
 
@@ -171,11 +199,16 @@ def minilm_quality(threads: int) -> dict:
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
+    ok = [r for r in result["runs"] if "error" not in r]
+    if not ok:
+        return "# One-shot LLM pruning: every measurement failed\n\n" + "\n".join(
+            f"- {r.get('error', '')}" for r in result["runs"]) + "\n"
+    first = ok[0]
     lines = [
         f"# One-shot LLM pruning on the CPU ({cfg['model']}, {cfg['samples']} x {cfg['seq_len']} calibration tokens)",
         "",
-        f"{result['runs'][0]['total_params'] / 1e6:.0f}M parameters, {result['runs'][0]['block_params'] / 1e6:.0f}M in "
-        f"the {len(result['runs'][0]['block_seconds'])} blocks that are pruned; random weights (seeded); "
+        f"{first['total_params'] / 1e6:.0f}M parameters, {first['block_params'] / 1e6:.0f}M in "
+        f"the {len(first['block_seconds'])} blocks that are pruned; random weights (seeded); "
         f"sparsity {cfg['target']}; {cfg['threads']} thread(s); {result['machine']['cpu']}; token ids: {cfg['ids']}.",
         "",
         "| method | per block s (median) | total s | peak extra memory | perplexity dense → pruned | hidden-state change |",
@@ -225,7 +258,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pattern", default=None, help="an N:M pattern instead of 50%% unstructured")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--random-ids", action="store_true", help="uniform random token ids instead of the built-in text")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 quality table")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -236,7 +270,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    calib, held, ids = token_data(args.samples, args.seq_len, args.eval_tokens, 50257)
+    calib, held, ids = token_data(args.samples, args.seq_len, args.eval_tokens, 50257, text=not args.random_ids)
     ctx = mp.get_context("fork")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

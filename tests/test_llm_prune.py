@@ -235,3 +235,36 @@ def test_progress_callback_is_called_per_block():
     pk.llm.prune(tiny_model("mistral"), pk.llm.random_calibration(256, 2, 16), method="wanda",
                  progress=lambda i, n, s: calls.append((i, n)))
     assert calls == [(0, 2), (1, 2)]
+
+
+def test_include_prunes_the_lm_head_after_the_blocks_with_pruned_inputs():
+    from prunekit.llm.wanda import wanda_mask
+
+    model = tiny_model("llama")  # untied LM head
+    dense_head = model.lm_head.weight.detach().clone()
+    calib = pk.llm.random_calibration(256, 4, 16)
+    steps = []
+    report = pk.llm.prune(model, calib, method="wanda", include=["lm_head"], progress=lambda i, n, s: steps.append(n))
+    assert steps == [3, 3, 3] and len(report.block_seconds) == 2
+    mask = pk.masks(model)["lm_head.weight"]
+    seen = {}
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    with torch.no_grad():
+        model(calib, use_cache=False)  # the head's input after the blocks were pruned
+    handle.remove()
+    norms = seen["x"].reshape(-1, seen["x"].shape[-1]).square().sum(0).sqrt()
+    assert torch.equal(mask, wanda_mask(dense_head, norms, 0.5))
+    assert "model.embed_tokens.weight" not in pk.masks(model)
+
+
+def test_include_refuses_tied_heads_and_layers_inside_blocks():
+    calib = pk.llm.random_calibration(256, 2, 8)
+    tied = tiny_model("gpt2")  # GPT-2 ties lm_head to wte
+    with pytest.raises(ValueError, match="tied to transformer.wte.weight"):
+        pk.llm.prune(tied, calib, method="wanda", include="lm_head")
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="matches no Linear layer outside the blocks"):
+        pk.llm.prune(model, calib, method="wanda", include=["model.layers.0.mlp.up_proj"])
+    with pytest.raises(ValueError, match="not a Linear or Conv1D"):
+        pk.llm.prune(model, calib, method="wanda", include=["model.norm"])
+    assert not pk.masks(model) and not pk.masks(tied)

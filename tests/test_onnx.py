@@ -1,6 +1,7 @@
 """pk.export.to_onnx: masked, finalized and physically pruned models export; onnxruntime agrees."""
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -79,7 +80,10 @@ def narrow_by_hand(model: nn.Sequential, keep: float) -> nn.Sequential:
 
 def structurally_pruned(model: nn.Sequential, x: torch.Tensor, keep: float) -> tuple[nn.Module, str]:
     """``prunekit.structured.prune`` when it exists, otherwise the same surgery by hand."""
-    structured = getattr(pk, "structured", None)
+    try:
+        structured = importlib.import_module("prunekit.structured")
+    except ImportError:
+        structured = None
     if structured is not None and hasattr(structured, "prune"):
         pruned = copy.deepcopy(model)
         result = structured.prune(pruned, x, ratio=1 - keep, method="l1", scope="local")
@@ -111,3 +115,17 @@ def test_sparsified_models_cannot_be_exported(tmp_path):
         export.to_onnx(model, {"x": torch.randn(1, 8)}, tmp_path / "x.onnx")
     with pytest.raises(FileNotFoundError):
         export.to_onnx(model, torch.randn(1, 8), tmp_path / "missing" / "x.onnx")
+
+
+def test_structurally_pruned_convnet_exports_and_matches(tmp_path):
+    structured = pytest.importorskip("prunekit.structured", reason="prunekit.structured is not available")
+    model = LeNet5()
+    x = torch.randn(2, 1, 8, 8)
+    dense_file = export.to_onnx(model, x, tmp_path / "dense.onnx")
+    before = params(model)
+    structured.prune(model, x, ratio=0.5, method="l1", scope="local")
+    ratio = params(model) / before
+    assert ratio < 0.6
+    narrow_file = export.to_onnx(model, x, tmp_path / "narrow.onnx")
+    assert metrics.file_size(narrow_file) / metrics.file_size(dense_file) == pytest.approx(ratio, rel=0.10)
+    assert_onnx_matches(model, narrow_file, torch.randn(5, 1, 8, 8))

@@ -11,9 +11,9 @@ from torch import nn
 import prunekit as pk
 from prunekit.data import synthetic_classification
 from prunekit.regularizers import (
-    PENALTIES,
     L1,
     L2,
+    PENALTIES,
     ElasticNet,
     GroupLasso,
     SparseGroupLasso,

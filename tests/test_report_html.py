@@ -199,3 +199,10 @@ def test_headless_chromium_shows_every_plot(full_report, tmp_path):
     background = pixels[5:15, 5:15].reshape(-1, 3)
     assert (np.abs(background - np.array([0xF6, 0xF7, 0xF9])).max(axis=1) <= 2).all()
     Image.open(shot).save(full_report / "screenshot.png")  # kept next to the report for a human look
+
+
+def test_report_help(capsys):
+    assert cli.main(["report", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--recipe", "--weights", "--sensitivity", "--sweep", "--sparsities", "--out"):
+        assert flag in out

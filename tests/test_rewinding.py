@@ -7,7 +7,14 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.models import LeNet5, TinyMLP
-from prunekit.training import Checkpoint, capture, replay_schedule, rewind, rewind_learning_rate, rewind_weights
+from prunekit.training import (
+    Checkpoint,
+    capture,
+    replay_schedule,
+    rewind,
+    rewind_learning_rate,
+    rewind_weights,
+)
 
 
 def _steps(model, opt, n, sched=None, seed=0):

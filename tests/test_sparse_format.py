@@ -276,3 +276,17 @@ def test_wrong_model_is_rejected(tmp_path):
     path = pk.save(model, tmp_path / "s.safetensors", format="sparse")
     with pytest.raises(ValueError, match="fc1.weight: the file has shape"):
         pk.load(LeNet300100(in_features=32), path)
+
+
+def test_physically_pruned_and_masked_model_round_trip(tmp_path):
+    structured = pytest.importorskip("prunekit.structured")
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(4, 32)
+    structured.prune(model, x, ratio=0.5)  # hidden widths 64 -> 32
+    pk.prune(model, 0.9, scope="local")  # and masks on top
+    path = pk.save(model, tmp_path / "s.safetensors", format="sparse")
+    assert metrics.model_size(model, sparse=True) == metrics.file_size(path)
+    fresh = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    pk.load(fresh, path)  # the fresh, wider model is resized from the file's shape records
+    assert_same_model(model, fresh)
+    assert torch.equal(model(x), fresh(x))

@@ -500,3 +500,107 @@ def test_functional_ops_without_parameters_follow_channels():
             return self.b(F.dropout(y, 0.1, training=False)).mean((2, 3))
 
     check_equivalence(Net(), torch.randn(2, 3, 8, 8))
+
+
+class _GroupedTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.t = nn.ConvTranspose2d(8, 6, 3, padding=1, groups=2)
+        self.d = nn.ConvTranspose2d(6, 6, 3, padding=1, groups=6)
+        self.o = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.d(torch.relu(self.t(torch.relu(self.c(x))))))).mean((2, 3))
+
+
+def test_grouped_and_depthwise_conv_transpose():
+    model = _GroupedTranspose()
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    assert [(g.name, g.size) for g in graph.groups()] == [("c", 4), ("t", 3)]  # positions within 2 groups
+    check_equivalence(model, x, fraction=0.5)
+    assert model.t.groups == 2 and model.t.in_channels == 4 and model.t.out_channels == 2
+    assert model.d.groups == model.d.in_channels == model.d.out_channels == 2
+
+
+class _StackFlip(nn.Module):
+    """stack interleaves two branches; flip and repeat; a parameter expanded over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.o = nn.Conv2d(12, 4, 1)
+        self.fc = nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+    def forward(self, x):
+        a, b = torch.relu(self.a(x)), torch.relu(self.b(x))
+        st = torch.stack([a, b], 2).flatten(1, 2)  # channels a0, b0, a1, b1, ...
+        z = self.o(st) + self.o(st.flip(1)).repeat(1, 1, 1, 1)
+        z = z * self.scale.expand(x.size(0), -1, -1, -1)
+        return self.fc(F.pad(z, (1, 1, 1, 1)).mean((2, 3)))
+
+
+def test_stack_flip_repeat_expand():
+    model = _StackFlip()
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    branch = graph.group_of("a")
+    # stack makes a_i and b_i one channel; the flipped reader makes channel i and 5-i one too
+    assert branch.size == 3
+    w = next(m for m in branch.members if m.name == "a.weight")
+    assert sorted(w.index[w.channel == w.channel[0]].tolist()) == [0, 5]
+    check_equivalence(model, x)
+
+
+class _UserAttention(nn.Module):
+    """Attention written by hand: heads reshaped to fixed sizes (pinned), the MLP stays prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+        self.o = nn.Linear(8, 6)
+        self.fc = nn.Linear(6, 12)
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (f(x).view(b, n, 2, 4).transpose(1, 2) for f in (self.q, self.k, self.v))
+        h = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 8))
+        mixed = torch.softmax(h @ h.transpose(1, 2), -1) @ h
+        return self.out(torch.relu(self.fc(mixed))).mean(1)
+
+
+def test_hand_written_attention_is_followed_conservatively():
+    model = _UserAttention()
+    x = torch.randn(2, 5, 6)
+    graph = DependencyGraph(model, x)
+    assert [g.name for g in graph.groups()] == ["fc"]
+    reasons = " ".join(b.reason for b in graph.boundaries())
+    assert "sizes written in forward()" in reasons and "not a channel dimension" in reasons
+    check_equivalence(model, x)
+
+
+class _FunctionalTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)
+        self.wt = nn.Parameter(torch.randn(4, 3, 3, 3) * 0.3)  # (in, out / groups, k, k), groups=2
+        self.bt = nn.Parameter(torch.randn(6) * 0.1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(F.conv2d(x, self.w1, padding=1))
+        y = torch.relu(F.conv_transpose2d(y, self.wt, self.bt, 1, 1, 0, 2))
+        return self.head(y).mean((2, 3))
+
+
+def test_functional_grouped_conv_transpose():
+    model = _FunctionalTranspose()
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    assert sorted(g.size for g in graph.groups()) == [2, 3]
+    check_equivalence(model, x, fraction=0.5)
+    assert model.wt.shape == (2, 1, 3, 3) and model.head.in_channels == 2  # one position per group left

@@ -14,8 +14,13 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.data import digits, evaluate, loaders, synthetic_images, train
-from prunekit.models import resnet8, resnet20, vgg_small
-from prunekit.structured import DependencyGraph, StructuredSpec, remove_blocks, residual_blocks
+from prunekit.models import TinyMLP, resnet8, resnet20, vgg_small
+from prunekit.structured import (
+    DependencyGraph,
+    StructuredSpec,
+    remove_blocks,
+    residual_blocks,
+)
 from prunekit.structured.criteria import (
     GROUP_CRITERIA,
     ScoringContext,
@@ -266,9 +271,6 @@ def test_explicit_removal_of_named_channels():
 
 def test_dead_neurons_after_unstructured_pruning_are_removed_exactly():
     torch.manual_seed(0)
-    model = pk.models.TinyMLP(in_features=8, hidden=12, num_classes=3) if hasattr(pk, "models") else None
-    from prunekit.models import TinyMLP
-
     model = TinyMLP(in_features=8, hidden=12, num_classes=3).eval()
     x = torch.randn(5, 8)
     in_mask = torch.ones(12, 8, dtype=torch.bool)
@@ -318,7 +320,6 @@ def test_residual_blocks_are_found_scored_and_replaced():
     assert scores["layer2.1"] == pytest.approx(rel, rel=1e-5)
     removed = remove_blocks(model, x, 2)
     assert len(removed) == 2
-    all_scores = pk.structured.block_scores(resnet20_copy := copy.deepcopy(model), [], [x]) if False else None
     for name in removed:
         assert isinstance(model.get_submodule(name), pk.structured.RemovedBlock)
     assert model(x).shape == (2, 10)
@@ -326,7 +327,6 @@ def test_residual_blocks_are_found_scored_and_replaced():
         remove_blocks(model, x, 1, blocks=["layer2.0"])
     with pytest.raises(ValueError, match="needs labelled data"):
         remove_blocks(model, x, 1, method="loss")
-    del all_scores
 
 
 def test_block_removal_by_loss_increase_removes_the_least_useful_block():

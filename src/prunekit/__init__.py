@@ -20,7 +20,7 @@ from .sensitivity_analysis import SensitivityResult, sensitivity
 __version__ = "0.1.0"
 
 # Submodules loaded on first access (``pk.llm``), so ``import prunekit`` stays light.
-_LAZY_SUBMODULES = ("llm", "structured")
+_LAZY_SUBMODULES = ("llm", "structured", "training", "regularizers", "distributed")
 
 
 def __getattr__(name: str):
@@ -48,6 +48,9 @@ __all__ = [
     "masking",
     "llm",
     "structured",
+    "training",
+    "regularizers",
+    "distributed",
     "sensitivity",
     "SensitivityResult",
     "export",

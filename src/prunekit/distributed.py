@@ -147,7 +147,7 @@ def reduce_statistics(stats: Mapping[str, object]) -> None:
     counts = torch.tensor([float(stats[n].count) for n in names], dtype=torch.float64, device=device)
     all_reduce_sum_([counts, *tensors])
     for n, c in zip(names, counts.tolist()):
-        stats[n].count = int(round(c))
+        stats[n].count = round(c)
 
 
 def sync_masks(model: nn.Module, src: int = 0) -> dict[str, Tensor]:

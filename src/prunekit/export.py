@@ -97,14 +97,19 @@ class _SparseMatrix(nn.Module):
         self.layout = layout
         self.blocksize = blocksize
         self.matrix_shape = tuple(matrix.shape)
-        self.nnz = int(torch.count_nonzero(matrix))
         self.dense_s: float | None = None  # measured times, filled in by sparsify
         self.sparse_s: float | None = None
         self._cached: tuple[tuple, Tensor] | None = None
 
+    @property
+    def nnz(self) -> int:
+        """Non-zero weights (BSR blocks may also store zeros)."""
+        return int(torch.count_nonzero(self.values))
+
     def sparse_weight(self) -> Tensor:
         """The weight as a ``torch.sparse`` CSR/BSR tensor (rebuilt only when the buffers change)."""
-        key = (self.values.data_ptr(), self.values.device, self.values.dtype)
+        parts = (self.crow_indices, self.col_indices, self.values)
+        key = tuple((t.data_ptr(), t.device, t.dtype, tuple(t.shape)) for t in parts)
         if self._cached is None or self._cached[0] != key:
             build = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
             with _quiet():
@@ -257,11 +262,15 @@ def _sync(device: torch.device) -> None:
 def time_pair(first: Callable[[], Any], second: Callable[[], Any], repeats: int = 15, warmup: int = 3,
               device: torch.device = torch.device("cpu"),
               before: tuple[Callable[[], Any], Callable[[], Any]] | None = None,
-              give_up: float | None = None) -> tuple[float, float]:
-    """Median seconds per call of two functions, measured interleaved (so both see the same machine
-    load); each sample runs enough calls to last about two milliseconds. ``before`` gives two untimed
-    set-up functions, run before each sample of the first and the second function. With ``give_up``,
-    the measurement stops after three samples each when the second is already that many times slower."""
+              give_up: float | None = None, stat: str = "min") -> tuple[float, float]:
+    """Seconds per call of two functions, measured interleaved (so both see the same machine load); each
+    sample runs enough calls to last about two milliseconds. ``stat="min"`` (the default) keeps the best
+    sample of each, which machine load (it only ever adds time) disturbs least; ``"median"`` the middle
+    one. ``before`` gives two untimed set-up functions, run before each sample of the first and
+    the second function. With ``give_up``, the measurement stops after three samples each when the second
+    is already that many times slower."""
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
     setup = before or (lambda: None, lambda: None)
     for _ in range(warmup):
         setup[0](), first(), setup[1](), second()
@@ -285,7 +294,8 @@ def time_pair(first: Callable[[], Any], second: Callable[[], Any], repeats: int 
             samples[slot].append((time.perf_counter() - start) / number)
         if give_up is not None and r == 2 and statistics.median(samples[1]) > give_up * statistics.median(samples[0]):
             break
-    return statistics.median(samples[0]), statistics.median(samples[1])
+    reduce = statistics.median if stat == "median" else min
+    return reduce(samples[0]), reduce(samples[1])
 
 
 def _block_candidates(weight: Tensor) -> list[int]:
@@ -322,8 +332,8 @@ class LayerDecision:
     shape: tuple[int, ...]  # of the weight
     input_shape: tuple[int, ...] | None  # as the layer saw it with example_inputs
     sparsity: float  # fraction of zero weights
-    dense_s: float | None = None  # median seconds per call, dense
-    sparse_s: float | None = None  # median seconds per call, best sparse kernel
+    dense_s: float | None = None  # seconds per call, dense (best of interleaved samples)
+    sparse_s: float | None = None  # seconds per call, best sparse kernel
     layout: str | None = None  # "csr" or "bsr 16x16"
     convert: bool = False
     reason: str = ""
@@ -465,7 +475,8 @@ def plan_sparsity(
         min_speedup: a layer is converted only when its best sparse kernel is at least this many times
             faster than the dense layer (1.1 leaves a margin against timing noise).
         layouts: sparse layouts to try: ``"csr"``, and ``"bsr"`` for weights whose zeros come in blocks.
-        repeats, warmup: timing samples per kernel (interleaved with the dense layer's) and untimed runs.
+        repeats, warmup: timing samples per kernel (interleaved with the dense layer's; the best of each
+            is compared) and untimed runs.
         threads: torch threads while measuring (default: the current setting). Measure with the number
             of threads the model will be served with.
     """
@@ -507,10 +518,16 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, min_sparsity: float,
         options += [("bsr", b) for b in _block_candidates(weight)]
     with torch.inference_mode():
         reference = module(x)
-        best = None
+        best, failures = None, []
         for layout, blocksize in options:
-            sparse = _to_sparse(module, layout, blocksize)
-            if not _close(sparse(x), reference):
+            try:
+                sparse = _to_sparse(module, layout, blocksize)
+                agrees = _close(sparse(x), reference)
+            except (RuntimeError, NotImplementedError) as error:  # e.g. no sparse kernel for this dtype
+                failures.append(f"{layout}: {str(error).splitlines()[0][:120]}")
+                continue
+            if not agrees:
+                failures.append(f"{layout}: output differs from the dense layer")
                 continue  # never happens with a correct kernel; a wrong one is never used
             dense_s, sparse_s = time_pair(lambda: module(x), lambda: sparse(x), repeats, warmup, x.device,
                                           give_up=2.0 * min_speedup)
@@ -519,7 +536,7 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, min_sparsity: float,
             if best is None or sparse_s / dense_s < best[1] / best[0]:
                 best = (dense_s, sparse_s, label)
     if best is None:
-        decision.reason = "no sparse kernel reproduced the dense output"
+        decision.reason = "no sparse kernel could be used (" + "; ".join(failures) + ")"
         return decision
     decision.dense_s, decision.sparse_s, decision.layout = best
     if decision.speedup >= min_speedup:

@@ -15,6 +15,7 @@ of the public API, and a submodule of the same name would shadow it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -101,6 +102,32 @@ def _own_class(module: nn.Module) -> None:
         module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
+@contextlib.contextmanager
+def keep_gradient_accumulator() -> Iterator[None]:
+    """Around a first ``register_parametrization``: keep the parameter's autograd identity.
+
+    Registering runs ``original.set_(original)`` (torch's ``parametrize._maybe_set``), a no-op on the
+    values that gives the parameter a new gradient accumulator. ``DistributedDataParallel`` hooks the old
+    one at construction, so a model wrapped in DDP and pruned afterwards would stop averaging that
+    parameter's gradients (and raise at the next step). Within this block that self-assignment is
+    skipped; any other assignment goes through unchanged.
+    """
+    maybe_set = getattr(parametrize, "_maybe_set", None)
+    if maybe_set is None:  # a torch without the helper: nothing to patch
+        yield
+        return
+
+    def skip_self_assignment(dest: Tensor, src: Tensor) -> None:
+        if dest is not src:
+            maybe_set(dest, src)
+
+    parametrize._maybe_set = skip_self_assignment
+    try:
+        yield
+    finally:
+        parametrize._maybe_set = maybe_set
+
+
 def raw_parameter(module: nn.Module, name: str) -> nn.Parameter:
     """The stored parameter, before the mask is applied (the parameter itself when unmasked)."""
     if parametrize.is_parametrized(module, name):
@@ -183,7 +210,8 @@ def attach(
     for owner in owners:
         if _mask_module(owner.module, owner.param_name) is None:
             _own_class(owner.module)
-            parametrize.register_parametrization(owner.module, owner.param_name, existing, unsafe=True)
+            with keep_gradient_accumulator():
+                parametrize.register_parametrization(owner.module, owner.param_name, existing, unsafe=True)
     with torch.no_grad():
         param.masked_fill_(~existing.mask, 0)
     return existing.mask

@@ -329,7 +329,9 @@ def model_size(model: nn.Module, sparse: bool = False) -> int:
     if sparse:
         from . import serialization, sparse_format
 
-        meta = {"prunekit_format": serialization.FORMAT_VERSION, "format": "sparse"}
+        from .structured.persist import structure_metadata
+
+        meta = {"prunekit_format": serialization.FORMAT_VERSION, "format": "sparse", **structure_metadata(model)}
         return sparse_format.encoded_nbytes(serialization.state_tensors(model), meta)
     return len(safetensors_save(_effective_state_dict(model)))
 

@@ -560,7 +560,7 @@ BENCHMARK_COLUMNS = [
     Column("sparse_s", "sparse (CSR)", format=seconds),
     Column("speedup", format=lambda v: times(v, 2)),
     Column("ideal", "ideal 1/(1-s)", format=lambda v: times(v, 0)),
-    Column("sparsify", "sparsify keeps"),
+    Column("sparsify", "sparsify picks"),
 ]
 
 

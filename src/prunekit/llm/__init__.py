@@ -6,6 +6,10 @@
     pk.llm.perplexity(model, heldout_ids, seq_len=2048)
     pk.finalize(model); model.save_pretrained("out")                            # loads as usual
 
+    pk.llm.prune_heads(model, calib, amount=0.25)        # Michel et al. importance, physical removal
+    pk.llm.prune_layers(model, calib, num_layers=2)      # Gromov et al. angular distance
+    pk.llm.save_nm(model, "model.nm.safetensors", "2:4") # values + 2-bit indices
+
 Importing this package does not import ``transformers``; the functions that need it import it when
 called.
 """
@@ -13,9 +17,13 @@ called.
 from . import sparsegpt, wanda  # noqa: F401  (registers the methods: magnitude, wanda, sparsegpt)
 from .api import LLMPruneReport, prune
 from .blocks import find_blocks
-from .calibration import builtin_sentences, builtin_text, calibration_data, random_calibration
+from .calibration import builtin_sentences, builtin_text, calibration_data, random_calibration, tokenize_text
 from .evaluation import embedding_similarity, mean_pooled_embeddings
+from .heads import head_importance, mask_heads, prune_heads, remove_heads
+from .hf import load_model, load_pretrained, save_pretrained
+from .layers import angular_distances, layer_importance, prune_layers, remove_layers, skip_layers
 from .methods import LLM_METHODS, LayerMethod
+from .nm_format import load_nm, save_nm
 from .perplexity import negative_log_likelihood, perplexity
 from .sparsegpt import sparsegpt as sparsegpt_layer
 from .wanda import wanda_mask, wanda_scores
@@ -27,11 +35,26 @@ __all__ = [
     "negative_log_likelihood",
     "calibration_data",
     "random_calibration",
+    "tokenize_text",
     "builtin_text",
     "builtin_sentences",
     "embedding_similarity",
     "mean_pooled_embeddings",
     "find_blocks",
+    "head_importance",
+    "mask_heads",
+    "remove_heads",
+    "prune_heads",
+    "layer_importance",
+    "angular_distances",
+    "skip_layers",
+    "remove_layers",
+    "prune_layers",
+    "load_model",
+    "save_pretrained",
+    "load_pretrained",
+    "save_nm",
+    "load_nm",
     "LLM_METHODS",
     "LayerMethod",
     "sparsegpt_layer",

@@ -13,7 +13,7 @@ from ..pruning import LayerReport, PruneReport
 from ..scope import check_sparsity, warn_emptied
 from .blocks import find_blocks
 from .methods import LayerMethod, get_method, parse_pattern
-from .sequential import as_batches, gather_layers, prune_sequential
+from .sequential import as_batches, gather_layers, outside_layers, prune_sequential
 
 __all__ = ["prune", "LLMPruneReport"]
 
@@ -57,6 +57,7 @@ def prune(
     pattern: str | None = None,
     *,
     exclude: Iterable[str] | str = (),
+    include: Iterable[str] | str = (),
     blocks: str | None = None,
     batch_size: int = 8,
     progress: bool | Callable[[int, int, float], None] = False,
@@ -78,6 +79,9 @@ def prune(
         pattern: an N:M pattern such as ``"2:4"`` or ``"4:8"`` (N kept in every M consecutive inputs).
         exclude: layer names or glob patterns to leave dense (``"*.mlp.down_proj"``, ``"model.layers.0"``,
             or a name inside each block such as ``"self_attn.o_proj"``).
+        include: Linear layers outside the blocks to prune too (names or globs, e.g. ``"lm_head"``); they
+            are pruned last, calibrated with full forward passes of the model whose blocks are pruned. A
+            weight tied to another (an LM head tied to the embeddings) is refused.
         blocks: the path of the blocks' ``ModuleList`` when it cannot be found automatically.
         batch_size: calibration samples per forward pass.
         progress: ``True`` for a rich progress bar, or a callable ``(block_index, num_blocks, seconds)``.
@@ -100,9 +104,10 @@ def prune(
         target_sparsity = check_sparsity(0.5 if sparsity is None else sparsity)
     blocks_name, block_list = find_blocks(model, blocks)
     layers = gather_layers(blocks_name, block_list, exclude)
-    if not any(layers):
+    extra = outside_layers(model, blocks_name, include)
+    if not any(layers) and not extra:
         raise ValueError("every layer of the blocks is excluded: nothing left to prune")
-    for layer_list in layers:
+    for layer_list in [*layers, extra]:
         for layer in layer_list:
             if nm is not None and layer.in_features % nm.m:
                 raise ValueError(
@@ -131,7 +136,7 @@ def prune(
     try:
         with torch.no_grad():
             records = prune_sequential(model, blocks_name, block_list, layers, layer_method, target_sparsity, nm,
-                                       batches, callback)
+                                       batches, callback, extra)
     finally:
         model.train(was_training)
         if stop is not None:
@@ -147,7 +152,7 @@ def prune(
         target_sparsity,
         rows,
         blocks=blocks_name,
-        block_seconds=[b.seconds for b in records],
+        block_seconds=[b.seconds for b in records[: len(block_list)]],
         layer_seconds={r.name + ".weight": r.seconds for b in records for r in b.layers},
         layer_errors={r.name + ".weight": r.error for b in records for r in b.layers if r.error is not None},
     )

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..masking import get_mask, raw_parameter
 
-__all__ = ["find_blocks", "block_layers", "BlockLayer", "is_conv1d", "weight_matrix", "matrix_to_weight"]
+__all__ = ["find_blocks", "block_layers", "BlockLayer", "is_conv1d", "is_prunable", "weight_matrix", "matrix_to_weight"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -27,7 +27,8 @@ def is_conv1d(module: nn.Module) -> bool:
     return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf") and hasattr(module, "nx")
 
 
-def _is_prunable(module: nn.Module) -> bool:
+def is_prunable(module: nn.Module) -> bool:
+    """A Linear or a GPT-2 Conv1D: what the LLM methods prune."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -55,7 +56,7 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(_is_prunable(m) for m in module[0].modules()):
+        if not any(is_prunable(m) for m in module[0].modules()):
             continue
         size = _weight_count(module)
         if best is None or size > best[0]:
@@ -106,7 +107,7 @@ def block_layers(
     against the full name and the name inside the block). Patterns that matched are added to ``used``."""
     layers = []
     for local, module in block.named_modules():
-        if not local or not _is_prunable(module):
+        if not local or not is_prunable(module):
             continue
         full = f"{block_name}.{local}"
         hit = [p for p in exclude if _matches(full, p) or _matches(local, p) or _matches(full + ".weight", p)]

@@ -15,6 +15,7 @@ memory, whatever the number of blocks.
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import masking
-from .blocks import BlockLayer, block_layers, current_keep, matrix_to_weight, weight_matrix
+from .blocks import BlockLayer, is_prunable, block_layers, current_keep, matrix_to_weight, weight_matrix
 from .methods import LayerMethod
 
-__all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord"]
+__all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord",
+           "gather_layers", "outside_layers"]
 
 
 class _Stop(Exception):
@@ -127,7 +129,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
     h, a, kw, as_kwarg = first["value"]
     out = blocks[0](*a, hidden_states=h, **kw) if as_kwarg else blocks[0](h, *a, **kw)
     tuple_output = isinstance(out, tuple)
-    del out, first
+    del out
 
     # 2. Every batch through identity blocks, recording each block's arguments.
     inputs = BlockInputs([], [[] for _ in blocks], [[] for _ in blocks], [], as_kwarg, tuple_output)
@@ -217,6 +219,39 @@ def _fraction_pruned(mask: Tensor | None) -> float:
     return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()
 
 
+def _attach_stats(layers: Sequence[BlockLayer], method: LayerMethod, token_masks: list, current: list[int]):
+    stats, handles = {}, []
+    for layer in layers:
+        acc = method.statistics(layer.in_features, _device(layer.module))
+        stats[layer.name] = acc
+        handles.append(layer.module.register_forward_hook(_stats_hook(acc, token_masks, current)))
+    return stats, handles
+
+
+def prune_layers(
+    model: nn.Module, owner: nn.Module, layers: Sequence[BlockLayer], method: LayerMethod, sparsity: float, pattern,
+    stats: dict[str, Any],
+) -> list[LayerRecord]:
+    """Prune each layer from its statistics (freed one by one); masks attached, weights updated if the method
+    reconstructs. ``owner`` is a module holding every layer (the block, or the model)."""
+    owners = masking.parameter_owners(owner)
+    records = []
+    for layer in layers:
+        start = time.perf_counter()
+        before = _fraction_pruned(masking.get_mask(model, layer.weight_name))
+        result = method.prune(weight_matrix(layer), stats.pop(layer.name, None), sparsity, pattern,
+                              current_keep(model, layer))
+        param = masking.raw_parameter(layer.module, "weight")
+        if result.weight is not None:
+            with torch.no_grad():
+                param.copy_(matrix_to_weight(layer, result.weight).to(param.dtype))
+        keep = matrix_to_weight(layer, result.keep).contiguous()
+        after = masking.attach(model, layer.weight_name, keep, copy=False, owners=owners[id(param)])
+        records.append(LayerRecord(layer.name, tuple(param.shape), param.numel(), before, _fraction_pruned(after),
+                                   time.perf_counter() - start, result.error))
+    return records
+
+
 def prune_block(
     model: nn.Module,
     block: nn.Module,
@@ -231,11 +266,7 @@ def prune_block(
     stats: dict[str, Any] = {}
     if method.needs_data:
         current = [0]
-        handles = []
-        for layer in layers:
-            acc = method.statistics(layer.in_features, _device(layer.module))
-            stats[layer.name] = acc
-            handles.append(layer.module.register_forward_hook(_stats_hook(acc, inputs.token_masks, current)))
+        stats, handles = _attach_stats(layers, method, inputs.token_masks, current)
         try:
             for b in range(len(inputs.hidden)):
                 current[0] = b
@@ -243,23 +274,29 @@ def prune_block(
         finally:
             for handle in handles:
                 handle.remove()
-    owners = masking.parameter_owners(block)
-    records = []
-    for layer in layers:
-        start = time.perf_counter()
-        before_mask = masking.get_mask(model, layer.weight_name)
-        before = _fraction_pruned(before_mask)
-        result = method.prune(weight_matrix(layer), stats.pop(layer.name, None), sparsity, pattern,
-                              current_keep(model, layer))
-        param = masking.raw_parameter(layer.module, "weight")
-        if result.weight is not None:
-            with torch.no_grad():
-                param.copy_(matrix_to_weight(layer, result.weight).to(param.dtype))
-        keep = matrix_to_weight(layer, result.keep).contiguous()
-        after = masking.attach(model, layer.weight_name, keep, copy=False, owners=owners[id(param)])
-        records.append(LayerRecord(layer.name, tuple(param.shape), param.numel(), before, _fraction_pruned(after),
-                                   time.perf_counter() - start, result.error))
-    return records
+    return prune_layers(model, block, layers, method, sparsity, pattern, stats)
+
+
+def prune_outside(
+    model: nn.Module, layers: Sequence[BlockLayer], method: LayerMethod, sparsity: float, pattern,
+    batches: Sequence[Mapping] | None,
+) -> list[LayerRecord]:
+    """Prune layers outside the blocks (e.g. the LM head), after the blocks: their statistics come from full
+    forward passes of the model, whose blocks are already pruned."""
+    stats: dict[str, Any] = {}
+    if method.needs_data:
+        token_masks = [None if b.get("attention_mask") is None else b["attention_mask"].to(torch.bool) for b in batches]
+        current = [0]
+        stats, handles = _attach_stats(layers, method, token_masks, current)
+        device = next(model.parameters()).device
+        try:
+            for i, batch in enumerate(batches):
+                current[0] = i
+                model(**{k: _to(v, device) for k, v in batch.items()}, **_forward_kwargs(model))
+        finally:
+            for handle in handles:
+                handle.remove()
+    return prune_layers(model, model, layers, method, sparsity, pattern, stats)
 
 
 def prune_sequential(
@@ -272,9 +309,12 @@ def prune_sequential(
     pattern,
     batches: Sequence[Mapping] | None,
     progress: Callable[[int, int, float], None] | None = None,
+    outside: Sequence[BlockLayer] = (),
 ) -> list[BlockRecord]:
-    """Prune every block in order; ``layers[i]`` are block ``i``'s targets (already validated)."""
+    """Prune every block in order; ``layers[i]`` are block ``i``'s targets (already validated). Layers in
+    ``outside`` (not in any block) are pruned last, as one more step of the progress."""
     inputs = capture_block_inputs(model, blocks, batches) if method.needs_data else None
+    steps = len(blocks) + (1 if outside else 0)
     records = []
     for i, block in enumerate(blocks):
         start = time.perf_counter()
@@ -285,8 +325,44 @@ def prune_sequential(
         seconds = time.perf_counter() - start
         records.append(BlockRecord(i, seconds, layer_records))
         if progress is not None:
-            progress(i, len(blocks), seconds)
+            progress(i, steps, seconds)
+    if outside:
+        del inputs
+        start = time.perf_counter()
+        layer_records = prune_outside(model, outside, method, sparsity, pattern, batches)
+        seconds = time.perf_counter() - start
+        records.append(BlockRecord(len(blocks), seconds, layer_records))
+        if progress is not None:
+            progress(len(blocks), steps, seconds)
     return records
+
+
+def outside_layers(model: nn.Module, blocks_name: str, include: Iterable[str]) -> list[BlockLayer]:
+    """Linear / Conv1D layers outside the blocks named by ``include`` (names or globs); each pattern must
+    match one, and a weight tied to another parameter (e.g. an LM head tied to the embeddings) is refused."""
+    include = [include] if isinstance(include, str) else list(include)
+    if not include:
+        return []
+    owners = masking.parameter_owners(model)
+    found: dict[str, BlockLayer] = {}
+    for pattern in include:
+        hit = False
+        for name, module in model.named_modules():
+            if not name or name == blocks_name or name.startswith(blocks_name + "."):
+                continue
+            if not (name == pattern or _glob(name, pattern)):
+                continue
+            if not is_prunable(module):
+                raise ValueError(f"include={pattern!r}: {name} is a {type(module).__name__}, not a Linear or Conv1D")
+            tied = owners[id(masking.raw_parameter(module, "weight"))]
+            if len(tied) > 1:
+                others = ", ".join(o.qualified_name for o in tied if o.module is not module)
+                raise ValueError(f"{name}.weight is tied to {others}; pruning it would prune that too (untie it first)")
+            found[name] = BlockLayer(name, name, module)
+            hit = True
+        if not hit:
+            raise ValueError(f"include pattern {pattern!r} matches no Linear layer outside the blocks ({blocks_name})")
+    return list(found.values())
 
 
 def gather_layers(
@@ -300,3 +376,7 @@ def gather_layers(
     if unused:
         raise ValueError(f"exclude pattern {unused[0]!r} matches no layer inside the blocks ({blocks_name}.*)")
     return found
+
+
+def _glob(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)

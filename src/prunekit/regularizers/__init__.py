@@ -12,7 +12,17 @@ Every wrapper ends with ``to_masks()``: a plain prunekit-masked model, ready for
 
 from .l0 import L0, HardConcrete
 from .learned import LearnedMasks
-from .penalties import PENALTIES, L1, L2, ElasticNet, GroupLasso, Penalty, SparseGroupLasso, get_penalty, soft_threshold
+from .penalties import (
+    L1,
+    L2,
+    PENALTIES,
+    ElasticNet,
+    GroupLasso,
+    Penalty,
+    SparseGroupLasso,
+    get_penalty,
+    soft_threshold,
+)
 from .variational import SparseVD, kl_approximation
 
 __all__ = [

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Mapping
+
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .. import masking
+from .. import distributed, masking
 from ..targets import Target
 
 
@@ -14,7 +16,8 @@ def attach_parametrization(target: Target, parametrization: nn.Module) -> None:
     for owner in target.owners:
         if not parametrize.is_parametrized(owner.module):
             masking._own_class(owner.module)
-        parametrize.register_parametrization(owner.module, owner.param_name, parametrization, unsafe=True)
+        with masking.keep_gradient_accumulator():  # DDP keeps averaging the parameter's gradients
+            parametrize.register_parametrization(owner.module, owner.param_name, parametrization, unsafe=True)
 
 
 def detach_parametrization(target: Target, parametrization: nn.Module) -> None:
@@ -37,6 +40,14 @@ def detach_parametrization(target: Target, parametrization: nn.Module) -> None:
             for owner in target.owners[1:]:
                 if not parametrize.is_parametrized(owner.module, owner.param_name):
                     owner.module._parameters[owner.param_name] = shared
+
+
+def attach_masks(model: nn.Module, masks: Mapping[str, Tensor], targets: list[Target] = ()) -> dict[str, Tensor]:
+    """Attach (tighten) ``masks`` by parameter name; under DDP rank 0's masks are attached everywhere."""
+    if distributed.is_distributed():
+        masks = distributed.broadcast_masks(masks)
+    owners = {t.name: t.owners for t in targets}
+    return {name: masking.attach(model, name, m, owners=owners.get(name)) for name, m in masks.items()}
 
 
 def check_supported(target: Target, kinds: tuple[type[nn.Module], ...], what: str) -> None:

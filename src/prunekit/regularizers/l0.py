@@ -32,7 +32,12 @@ from torch import Tensor, nn
 from .. import masking
 from ..distributed import unwrap
 from ..targets import Target, resolve_targets
-from ._wrap import attach_parametrization, check_supported, detach_parametrization
+from ._wrap import (
+    attach_masks,
+    attach_parametrization,
+    check_supported,
+    detach_parametrization,
+)
 
 __all__ = ["HardConcrete", "L0", "BETA", "GAMMA", "ZETA", "GRANULARITIES"]
 
@@ -204,11 +209,11 @@ class L0:
             for target in self.targets:
                 z = gates[target.name]
                 weight_z = z if self.granularity == "weight" else self._unit_keep(target, z)
-                out[target.name] = masking.attach(self.model, target.name, weight_z > 0, owners=target.owners)
+                out[target.name] = weight_z > 0
                 if self.granularity != "weight" and getattr(target.module, "bias", None) is not None:
                     prefix = f"{target.module_name}." if target.module_name else ""
-                    out[prefix + "bias"] = masking.attach(self.model, prefix + "bias", z > 0)
-        return out
+                    out[prefix + "bias"] = z > 0
+            return attach_masks(self.model, out, self.targets)
 
     def remove(self) -> None:
         """Take the gates off without changing the weights (training can go on ungated)."""

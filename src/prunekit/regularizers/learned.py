@@ -22,11 +22,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .. import masking
 from ..distributed import unwrap
 from ..schedules import Schedule
 from ..targets import Target, resolve_targets
-from ._wrap import attach_parametrization, detach_parametrization
+from ._wrap import attach_masks, attach_parametrization, detach_parametrization
 
 __all__ = ["LearnedMasks", "TopKBinarizer", "ThresholdBinarizer", "MODES"]
 
@@ -178,7 +177,7 @@ class LearnedMasks:
             detach_parametrization(target, self.masks[target.name])
         self._attached = False
         with torch.no_grad():
-            return {t.name: masking.attach(self.model, t.name, keep[t.name], owners=t.owners) for t in self.targets}
+            return attach_masks(self.model, keep, self.targets)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "density": self.density, "threshold": self.threshold}

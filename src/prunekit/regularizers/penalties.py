@@ -36,13 +36,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .. import masking
 from ..distributed import unwrap
 from ..granularity import NM, Granularity, get_granularity
 from ..pruning import LayerReport, PruneReport
 from ..registry import Registry
 from ..scope import warn_emptied
 from ..targets import Target, resolve_targets
+from ._wrap import attach_masks
 
 __all__ = [
     "Penalty",
@@ -136,12 +136,13 @@ class Penalty:
         threshold = _check_nonnegative(threshold, "threshold")
         rows = []
         with torch.no_grad():
-            keeps = [self.keep_mask(t, threshold) for t in self.targets]
-            for target, keep in zip(self.targets, keeps):
-                old = target.mask(self.model)
-                before = 0.0 if old is None else 1.0 - int(old.count_nonzero()) / old.numel()
-                new = masking.attach(self.model, target.name, keep, copy=False, owners=target.owners)
-                after = 1.0 - int(new.count_nonzero()) / new.numel()
+            keeps = {t.name: self.keep_mask(t, threshold) for t in self.targets}
+            old = {t.name: t.mask(self.model) for t in self.targets}
+            new = attach_masks(self.model, keeps, self.targets)
+            for target in self.targets:
+                before, after = old[target.name], new[target.name]
+                before = 0.0 if before is None else 1.0 - int(before.count_nonzero()) / before.numel()
+                after = 1.0 - int(after.count_nonzero()) / after.numel()
                 rows.append(LayerReport(target.name, target.shape, target.numel(), before, after))
         warn_emptied([(r.name, r.sparsity_after) for r in rows])
         granularity = self.granularity.name if self.grouped else "element"

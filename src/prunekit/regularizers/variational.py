@@ -29,10 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import masking
 from ..distributed import unwrap
 from ..targets import Target, resolve_targets
-from ._wrap import attach_parametrization, check_supported, detach_parametrization
+from ._wrap import (
+    attach_masks,
+    attach_parametrization,
+    check_supported,
+    detach_parametrization,
+)
 
 __all__ = ["SparseVD", "kl_approximation", "K1", "K2", "K3", "THRESHOLD"]
 
@@ -79,7 +83,8 @@ def _noise_hook(param: _Variational):
             var = F.linear(x.square(), sigma2)
         else:
             var = module._conv_forward(x.square(), sigma2, None)
-        return output + torch.sqrt(var + _EPS) * torch.randn_like(output)
+        std = torch.sqrt(var + _EPS) * (var > 0)  # no variance at all (masked weights): no noise
+        return output + std * torch.randn_like(output)
 
     return hook
 
@@ -155,7 +160,7 @@ class SparseVD:
         keep = self.keep_masks()
         self.remove()
         with torch.no_grad():
-            return {t.name: masking.attach(self.model, t.name, keep[t.name], owners=t.owners) for t in self.targets}
+            return attach_masks(self.model, keep, self.targets)
 
     def remove(self) -> None:
         """Take the variational parts off (the means theta stay as the weights)."""

@@ -27,10 +27,17 @@ __all__ = [
     "PrunedMultiheadAttention",
 ]
 
-from .api import GroupReport, StructuredReport, prune, remove, remove_dead, select_channels  # noqa: E402
-from .blocks import RemovedBlock, block_scores, remove_blocks, residual_blocks  # noqa: E402
-from .criteria import GROUP_CRITERIA, GroupCriterion, get_group_criterion  # noqa: E402
-from .spec import StructuredSpec  # noqa: E402
+from .api import (
+    GroupReport,
+    StructuredReport,
+    prune,
+    remove,
+    remove_dead,
+    select_channels,
+)
+from .blocks import RemovedBlock, block_scores, remove_blocks, residual_blocks
+from .criteria import GROUP_CRITERIA, GroupCriterion, get_group_criterion
+from .spec import StructuredSpec
 
 __all__ += ["prune", "remove", "remove_dead", "select_channels", "StructuredReport", "GroupReport",
             "GROUP_CRITERIA", "GroupCriterion", "get_group_criterion", "StructuredSpec", "remove_blocks",

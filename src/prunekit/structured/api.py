@@ -410,7 +410,6 @@ def dead_channels(graph: DependencyGraph) -> dict[int, Tensor]:
       there is exactly zero (checked on the graph's example inputs; a channel written from zeros is an
       input-independent constant, e.g. a normalisation shift, which is not removable).
     """
-    roots = graph._atoms.roots()
     out = {}
     for g in graph.groups():
         inputs = [m for m in g.members if m.kind == "parameter" and "in" in m.roles]
@@ -424,14 +423,10 @@ def dead_channels(graph: DependencyGraph) -> dict[int, Tensor]:
             amax = _rows_abs_max(m)
             out_zero &= torch.zeros(g.size).scatter_reduce_(0, m.channel, amax, "amax", include_self=True) == 0
         if out_zero.any():
-            lookup = {int(r): i for i, r in enumerate(g.roots.tolist())}
             read = torch.zeros(g.size)
             tapped = torch.zeros(g.size, dtype=torch.bool)
             for tap in graph._taps:
-                valid = tap.labels >= 0
-                comps = torch.full_like(tap.labels, -1)
-                comps[valid] = roots[tap.labels[valid]]
-                channel = torch.tensor([lookup.get(int(c), -1) for c in comps.tolist()], dtype=torch.long)
+                channel = graph.channel_lookup(g, tap.labels)
                 pos = channel >= 0
                 if pos.any():
                     read.scatter_reduce_(0, channel[pos], tap.amax[pos].float(), "amax", include_self=True)

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..statistics import LossFn, batch_loss, move_to
-from .graph import _Tracer, _call
+from .graph import _call, _Tracer
 from .statistics import split_batch
 
 __all__ = ["RemovedBlock", "residual_blocks", "block_scores", "remove_blocks", "BLOCK_METHODS"]

@@ -122,18 +122,12 @@ class ScoringContext:
 
     def group_taps(self, group: Group) -> list[tuple[Tensor, Tensor, TapStatistics]]:
         """(positions, channel of each position, statistics) for every tap reading ``group``."""
-        roots = self.graph._atoms.roots()
-        lookup = {int(r): i for i, r in enumerate(group.roots.tolist())}
         found = []
         seen = set()
         for tap in self.graph._taps:
             if tap.module_name is None or (tap.module_name, tap.dim) in seen:
                 continue
-            labels = tap.labels
-            valid = labels >= 0
-            comps = torch.full_like(labels, -1)
-            comps[valid] = roots[labels[valid]]
-            channel = torch.tensor([lookup.get(int(c), -1) for c in comps.tolist()], dtype=torch.long)
+            channel = self.graph.channel_lookup(group, tap.labels)
             pos = (channel >= 0).nonzero().flatten()
             if pos.numel():
                 seen.add((tap.module_name, tap.dim))

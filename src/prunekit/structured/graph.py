@@ -335,7 +335,7 @@ class RuleContext:
 
 def _amax_except(value: Tensor, dim: int) -> Tensor:
     moved = value.detach().movedim(dim, -1).reshape(-1, value.shape[dim])
-    return moved.abs().amax(0) if moved.shape[0] else torch.zeros(value.shape[dim])
+    return moved.abs().amax(0).float().cpu() if moved.shape[0] else torch.zeros(value.shape[dim])
 
 
 def _walk_labels(labels: Any, fn) -> None:
@@ -695,6 +695,16 @@ class DependencyGraph:
             if hit.any():
                 out[group.index] = hit.nonzero().flatten()
         return out
+
+    def channel_lookup(self, group: Group, labels: Tensor) -> Tensor:
+        """The channel of ``group`` each label belongs to (-1 for none), vectorised."""
+        roots = self._atoms.roots()
+        lookup = torch.full((self._atoms.count,), -1, dtype=torch.long)
+        lookup[group.roots] = torch.arange(group.size)
+        channel = torch.full_like(labels, -1)
+        valid = labels >= 0
+        channel[valid] = lookup[roots[labels[valid]]]
+        return channel
 
     def _pin_reason(self, comp: Tensor) -> str:
         roots = self._atoms.roots()

@@ -29,7 +29,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     query's width, ``kdim``/``vdim`` the key's and value's, ``out_proj.out_features`` the output's.
     """
 
-    def forward(  # noqa: C901 - a direct transcription of F.multi_head_attention_forward
+    def forward(
         self,
         query: Tensor,
         key: Tensor,

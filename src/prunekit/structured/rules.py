@@ -159,7 +159,8 @@ def broadcast(ctx, operands: Sequence[Any], out_shape: Sequence[int], skip: Sequ
             if value.shape[k] == 1 and out_shape[od] != 1:
                 continue
             if isinstance(lab, ParamRef):
-                params.append((lab.info, k))
+                if value.shape[k] > 1:  # a size-1 dim of a parameter broadcasts: no channels there
+                    params.append((lab.info, k))
                 continue
             found = lab.get(k) if isinstance(lab, dict) else None
             if found is None:
@@ -702,7 +703,7 @@ def _reshape_follows(ctx, x_arg, d, labels, P, e, entries, out_shape) -> bool:
                 new.append(out_shape[i] if i != e else out_shape[i] - removed_positions)
             else:
                 new.append(int(_entry_value(ctx, entry, subst)))
-    except Exception:  # noqa: BLE001 - anything unevaluable means we cannot prove it follows
+    except Exception:
         return False
     if new.count(-1) > 1:
         return False
@@ -825,7 +826,6 @@ def _stack(ctx):
 
 def _chunks_equal(ctx, x_arg, dim: int, n_chunks: int, what: str, size_arg=None) -> list:
     """chunk / equal split along a channel dimension: channel i of every chunk is coupled."""
-    value = ctx.value(x_arg)
     x = ctx.dims(x_arg)
     outputs = ctx.output
     result = [dict() for _ in outputs]
@@ -853,7 +853,7 @@ def _chunks_equal(ctx, x_arg, dim: int, n_chunks: int, what: str, size_arg=None)
             subst[(source, sd)] = int((~torch.isin(lab[sd], unit)).sum())
         try:
             follows = subst is not None and int(_reeval(ctx, size_arg, subst)) == sizes[0] - 1
-        except Exception:  # noqa: BLE001
+        except Exception:
             follows = False
         if not follows:
             ctx.pin(labels, f"{what}: the split size does not follow a removal of channels")
@@ -1075,8 +1075,7 @@ def conv_like(ctx, x_arg, w_info, b_info, groups: int, transposed: bool, n_spati
 def _f_conv(n_spatial: int, transposed: bool):
     def rule(ctx):
         w_arg, b_arg = ctx.raw(1, "weight"), ctx.raw(2, "bias")
-        groups_pos = 7 if transposed else 6
-        groups = ctx.arg(groups_pos, "groups", 1)
+        groups = ctx.arg(6, "groups", 1)  # conv*d and conv_transpose*d both take groups 7th
         w_info = _weight_info(ctx, w_arg)
         b_info = _weight_info(ctx, b_arg) if b_arg is not None else None
         if w_info is None:

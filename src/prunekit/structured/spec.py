@@ -22,7 +22,15 @@ from .. import masking
 from ..pruning import LayerReport, PruneReport
 from ..scope import check_sparsity
 from ..statistics import LossFn
-from .api import SCOPES, StructuredReport, _check_round_to, masked_channels, remove_dead, score_groups, select_channels
+from .api import (
+    SCOPES,
+    StructuredReport,
+    _check_round_to,
+    masked_channels,
+    remove_dead,
+    score_groups,
+    select_channels,
+)
 from .criteria import GroupCriterion, ScoringContext, get_group_criterion
 from .graph import DependencyGraph
 from .surgery import channel_masks

@@ -93,8 +93,8 @@ def collect_activation_statistics(
                 n = x.shape[d]
                 moved = x.movedim(d, -1)
                 rows = moved.reshape(-1, n).float()
-                abs_sum = rows.abs().sum(0)
-                zeros = (rows == 0).sum(0).float()
+                abs_sum = rows.abs().sum(0).cpu()  # labels and scores live on the CPU
+                zeros = (rows == 0).sum(0).float().cpu()
                 s.abs_sum = abs_sum if s.abs_sum is None else s.abs_sum + abs_sum
                 s.zeros = zeros if s.zeros is None else s.zeros + zeros
                 s.rows += rows.shape[0]

@@ -10,11 +10,18 @@
   PyTorch Lightning's or Hugging Face's ``Trainer`` (both imported only when used).
 """
 
+from .callbacks import hf_callback, lightning_callback
 from .dst import SET, DynamicSparseTraining, RigL, cosine_update_fraction
 from .lottery import LotteryRound, LotteryTicket, reinitialize
-from .rewinding import Checkpoint, capture, replay_schedule, rewind, rewind_learning_rate, rewind_weights
+from .rewinding import (
+    Checkpoint,
+    capture,
+    replay_schedule,
+    rewind,
+    rewind_learning_rate,
+    rewind_weights,
+)
 from .utils import freeze, rescale_dropout, unfreeze
-from .callbacks import hf_callback, lightning_callback  # noqa: I001  (lazy: imports nothing heavy)
 
 __all__ = [
     "Checkpoint",

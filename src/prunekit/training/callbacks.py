@@ -95,6 +95,9 @@ def lightning_callback(*steppers: Stepper, package: str = "lightning"):
     ``package="pytorch_lightning"`` builds it on the older ``pytorch_lightning`` distribution instead of
     ``lightning``.
     """
+    _check(steppers)
+    if package not in ("lightning", "pytorch_lightning"):
+        raise ValueError(f"package must be 'lightning' or 'pytorch_lightning', got {package!r}")
     return _lightning_class(package)(*steppers)
 
 
@@ -126,4 +129,5 @@ def _hf_class():
 def hf_callback(*steppers: Stepper):
     """A Hugging Face ``TrainerCallback`` calling ``step()`` of each stepper after every optimizer step
     (``on_optimizer_step``: after ``optimizer.step()``, before the gradients are zeroed)."""
+    _check(steppers)
     return _hf_class()(*steppers)

@@ -195,6 +195,11 @@ class DynamicSparseTraining:
 
     def dense_gradients(self) -> dict[str, Tensor]:
         """The recorded gradients of the effective weights (averaged over ranks under DDP)."""
+        if not self._probes:
+            raise RuntimeError(
+                f"{self.name} grows by the dense gradient of the update step, recorded during its backward "
+                "pass: let step() run the updates (call it once after every optimizer.step())"
+            )
         grads = {}
         for target, probe in self._probes:
             if probe.grad is None:

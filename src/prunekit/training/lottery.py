@@ -26,7 +26,13 @@ from .. import masking
 from ..distributed import unwrap
 from ..pruning import PruneReport, PruningSpec, prune
 from ..scope import Scope
-from .rewinding import Checkpoint, _named_buffers, _named_raw_parameters, capture, rewind_weights
+from .rewinding import (
+    Checkpoint,
+    _named_buffers,
+    _named_raw_parameters,
+    capture,
+    rewind_weights,
+)
 
 __all__ = ["LotteryTicket", "LotteryRound", "reinitialize"]
 

@@ -31,6 +31,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/global_magnitude.py
 	$(BIN)/python benchmarks/sparse_inference.py
+	$(BIN)/python benchmarks/llm_pruning.py
 
 clean:
 	rm -rf $(VENV) prunekit-demo .pytest_cache

@@ -72,13 +72,15 @@ def test_masked_head_equals_zeroed_output_projection_columns():
     torch.testing.assert_close(_out(model, ids), gated)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_uniform_head_removal_reloads_with_plain_from_pretrained(arch, tmp_path):
+@pytest.mark.parametrize("arch,amount,heads", [("mistral", 0.25, 6), ("qwen2", 0.25, 6), ("llama", 0.5, 4)])
+def test_uniform_head_removal_reloads_with_plain_from_pretrained(arch, amount, heads, tmp_path):
+    # Llama's config refuses hidden_size % num_attention_heads != 0, so 8 -> 6 heads needs load_pretrained
+    # (tested above); 8 -> 4 heads is expressible.
     model = tiny_model(arch)
     ids = pk.llm.random_calibration(256, 2, 12)
-    removed = H.prune_heads(model, amount=0.25, method="magnitude", scope="uniform")
-    assert all(len(r) == 2 for r in removed.values())  # one whole group of 2 query heads per block
-    assert model.config.num_attention_heads == 6 and model.config.num_key_value_heads == 3
+    removed = H.prune_heads(model, amount=amount, method="magnitude", scope="uniform")
+    assert all(len(r) == 8 - heads for r in removed.values())  # whole groups of 2 query heads per block
+    assert model.config.num_attention_heads == heads and model.config.num_key_value_heads == heads // 2
     expected = _out(model, ids)
     hf.save_pretrained(model, tmp_path)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()

@@ -268,3 +268,27 @@ def test_include_refuses_tied_heads_and_layers_inside_blocks():
     with pytest.raises(ValueError, match="not a Linear or Conv1D"):
         pk.llm.prune(model, calib, method="wanda", include=["model.norm"])
     assert not pk.masks(model) and not pk.masks(tied)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_bfloat16_models_are_pruned_with_float32_statistics(method):
+    model = tiny_model("llama").to(torch.bfloat16)
+    pk.llm.prune(model, pk.llm.random_calibration(256, 4, 16), method=method, pattern="2:4")
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert w.dtype == torch.bfloat16
+    assert torch.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2)
+    assert torch.isfinite(_out(model, pk.llm.random_calibration(256, 1, 8)).float()).all()
+
+
+def test_masked_gpt2_conv1d_stays_a_default_target_with_its_layout():
+    # Once masked, a Conv1D's class is torch's ParametrizedConv1D: it must still be found and laid out (in, out).
+    from prunekit.targets import resolve_targets
+
+    model = tiny_model("gpt2")
+    pk.llm.prune(model, None, method="magnitude", sparsity=0.25)
+    targets = {t.name: t for t in resolve_targets(model, None)}
+    t = targets["transformer.h.0.mlp.c_fc.weight"]
+    assert (t.out_dim, t.in_dim) == (1, 0)
+    pk.prune(model, granularity="2:4", targets=["transformer.h.0.mlp.c_fc"])
+    w = model.transformer.h[0].mlp.c_fc.weight.t()  # (out, in): the pattern runs along the inputs
+    assert torch.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2)

@@ -54,17 +54,22 @@ def _layout(module: nn.Module, param_name: str) -> tuple[int, int]:
     if param_name == "weight":
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             return 1, 0
-        if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 layer
+        if _is_gpt_conv1d(module):  # transformers' GPT-2 layer
             return 1, 0
     return 0, 1
+
+
+def _is_gpt_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (weight stored ``(in, out)``). The MRO is checked, not the class name: once a
+    mask is attached, the module's class is torch's injected ``ParametrizedConv1D``."""
+    return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """Names of the modules pruned by default: every Linear and convolution (and GPT-2's Conv1D)."""
     names = []
     for name, module in model.named_modules():
-        is_conv1d_gpt = type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-        if isinstance(module, _DEFAULT_TYPES) or is_conv1d_gpt:
+        if isinstance(module, _DEFAULT_TYPES) or _is_gpt_conv1d(module):
             names.append(name)
     return names
 

@@ -16,7 +16,8 @@
 
 Reloading: after a removal the config records the heads of every block in ``config.prunekit_attention``.
 For Llama-style models (Llama, Mistral, Qwen2) whose blocks all keep the same number of heads, the
-config's ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim`` are updated too, so
+config's ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim`` are updated too, where the
+config's own validation accepts them (Llama's requires ``hidden_size % num_attention_heads == 0``), so
 ``from_pretrained`` reloads the saved model as usual. Otherwise (different counts per block, or OPT, GPT-2
 and BERT, whose head size is derived as ``hidden_size / num_heads``) ``transformers`` cannot express the
 shapes: reload with :func:`prunekit.llm.load_pretrained`, which rebuilds the shapes from

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import masking
+from .metrics import call_model
 
 __all__ = [
     "SparseLinear",
@@ -56,14 +57,6 @@ Inputs = Any  # a tensor, a tuple of positional arguments, or a dict of keyword 
 LAYOUTS = ("csr", "bsr")
 _BLOCK_SIZES = (32, 16, 8, 4)
 _MIN_BLOCK_FILL = 0.5  # BSR is tried when the non-zero blocks are at least half full
-
-
-def _call(model: nn.Module, example_inputs: Inputs) -> Any:
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, tuple):
-        return model(*example_inputs)
-    return model(example_inputs)
 
 
 # --- sparse modules -----------------------------------------------------------------------------
@@ -427,7 +420,7 @@ def _capture_inputs(model: nn.Module, modules: Sequence[tuple[str, nn.Module]], 
         handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.inference_mode():
-            _call(model, example_inputs)
+            call_model(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -615,15 +608,15 @@ def _verify(work: nn.Module, replaced: list[tuple[str, nn.Module]], example_inpu
     try:
         with torch.inference_mode():
             use_dense()
-            expected = _flat_tensors(_call(work, example_inputs))
+            expected = _flat_tensors(call_model(work, example_inputs))
             use_sparse()
-            got = _flat_tensors(_call(work, example_inputs))
+            got = _flat_tensors(call_model(work, example_inputs))
             for a, b in zip(got, expected):
                 if not _close(a, b):
                     raise RuntimeError("sparsify: the sparse model's output differs from the dense model's by "
                                        f"{float((a - b).abs().max()):.3g}")
             device = expected[0].device if expected else torch.device("cpu")
-            run = lambda: _call(work, example_inputs)  # noqa: E731
+            run = lambda: call_model(work, example_inputs)  # noqa: E731
             plan.model_dense_s, plan.model_sparse_s = time_pair(
                 run, run, device=device, before=(use_dense, use_sparse))
             use_sparse()

@@ -58,7 +58,8 @@ Inputs = Any  # a tensor, a tuple of positional arguments, or a dict of keyword 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _call(model: nn.Module, example_inputs: Inputs) -> Any:
+def call_model(model: nn.Module, example_inputs: Inputs) -> Any:
+    """Call ``model`` on example inputs: a tensor, a tuple of positional arguments, or a dict of kwargs."""
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, tuple):
@@ -132,7 +133,7 @@ def _flop_breakdown(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict
     with _eval_mode(model), torch.no_grad(), _mha_fastpath(False):
         counter = FlopCounterMode(display=False)
         with counter:
-            _call(model, example_inputs)
+            call_model(model, example_inputs)
         counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
         exclusive = _exclusive_flops(model, counts)
         direct = _direct_owners(model)
@@ -250,11 +251,11 @@ def latency_stats(
             torch.set_num_threads(threads)
         with _eval_mode(model), torch.inference_mode():
             for _ in range(warmup):
-                _call(model, example_inputs)
+                call_model(model, example_inputs)
             for _ in range(repeats):
                 _synchronize(model, example_inputs)
                 start = time.perf_counter()
-                _call(model, example_inputs)
+                call_model(model, example_inputs)
                 _synchronize(model, example_inputs)
                 times.append(time.perf_counter() - start)
     finally:

@@ -226,10 +226,7 @@ def plot_accuracy_vs_sparsity(
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
         ax.set_ylim(0, 100)
-        ax.grid(True, alpha=0.3)
-        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
+        _legend_outside_and_save(fig, ax, handles, path)
     finally:
         plt.close(fig)
     return Path(path)
@@ -452,10 +449,7 @@ def plot_sensitivity(
         label = result.metric + (" (%)" if scale == 100.0 else "")
         ax.set_ylabel(label + ("" if result.higher_is_better else ", lower is better"))
         ax.set_title(f"{title} ({result.method}, {result.granularity})")
-        ax.grid(True, alpha=0.3)
-        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
+        _legend_outside_and_save(fig, ax, handles, path)
     finally:
         plt.close(fig)
     return Path(path)
@@ -820,3 +814,11 @@ def build_report(
         names = [d.get("name") for d in loaded if isinstance(d.get("name"), str)]
         title = f"prunekit report: {names[0]}" if names else "prunekit report"
     return write_report(out_dir, results=loaded, title=title, **extra)
+
+
+def _legend_outside_and_save(fig, ax, handles, path: str | os.PathLike) -> None:
+    """The plots' shared finish: light grid, legend to the right of the axes, PNG written."""
+    ax.grid(True, alpha=0.3)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, format="png")

@@ -2,14 +2,13 @@
 
 The file holds every parameter and buffer under its user-facing name with pruned entries zero (so it is
 also a plain, finalized checkpoint that ``safetensors.torch.load_file`` + ``load_state_dict`` accept), plus
-one ``__mask__.<name>`` bool tensor per mask. Metadata records the format version. Writing goes to a
-temporary file in the same folder, renamed into place, so a failed save never leaves a half-written file.
+one ``__mask__.<name>`` bool tensor per mask. Metadata records the format version. Writing is atomic
+(:mod:`prunekit.fileio`), so a failed save never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import masking, sparse_format
+from .fileio import atomic_write
 
 __all__ = ["save", "load", "state_tensors", "MASK_PREFIX"]
 
@@ -73,17 +73,7 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "dense", metad
         tensors, sparse_meta = sparse_format.encode(tensors)
         meta.update(sparse_meta)
     payload = safetensors_bytes({k: v.cpu() for k, v in tensors.items()}, metadata=meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, payload)
 
 
 def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:

@@ -134,7 +134,7 @@ def reduce_statistics(stats: Mapping[str, object]) -> None:
     if not is_distributed():
         return
     names = list(stats)
-    fields = ("grad_abs_sum", "grad_sq_sum", "movement")
+    fields = ("grad_abs_sum", "fisher_sum", "movement")
     present = torch.tensor(
         [[getattr(stats[n], f) is not None for f in fields] for n in names], dtype=torch.uint8
     ).reshape(-1)
@@ -144,10 +144,11 @@ def reduce_statistics(stats: Mapping[str, object]) -> None:
         raise RuntimeError("ranks collected different statistics; every rank must see the same targets")
     tensors = [getattr(stats[n], f) for n in names for f in fields if getattr(stats[n], f) is not None]
     device = tensors[0].device if tensors else torch.device("cpu")
-    counts = torch.tensor([float(stats[n].count) for n in names], dtype=torch.float64, device=device)
+    counts = torch.tensor([[float(stats[n].count), float(stats[n].samples)] for n in names],
+                          dtype=torch.float64, device=device)
     all_reduce_sum_([counts, *tensors])
-    for n, c in zip(names, counts.tolist()):
-        stats[n].count = round(c)
+    for n, (c, k) in zip(names, counts.tolist()):
+        stats[n].count, stats[n].samples = round(c), round(k)
 
 
 def sync_masks(model: nn.Module, src: int = 0) -> dict[str, Tensor]:

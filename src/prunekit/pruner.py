@@ -60,6 +60,11 @@ class Pruner:
             model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
         self.schedule = schedule
         self.spec.check_sparsity(schedule.final)  # N:M: the schedule must say the pattern's sparsity
+        if data is None and "fisher" in getattr(self.spec.criterion, "needs", ()):
+            raise ValueError(
+                f"method {self.spec.method_name!r} needs per-sample gradients, which training steps do not "
+                "give: pass the Pruner calibration batches with data="
+            )
         self.data, self.loss_fn, self.max_batches = data, loss_fn, max_batches
         self.step_count = 0
         self.history: list[PruneReport] = []
@@ -110,7 +115,7 @@ class Pruner:
             report = self.spec.report(sparsity, rows)
             self.history.append(report)
             for stat in self._running.values():  # gradient sums restart; movement keeps accumulating
-                stat.count, stat.grad_abs_sum, stat.grad_sq_sum = 0, None, None
+                stat.count, stat.grad_abs_sum = 0, None
         self.step_count += 1
         return report
 

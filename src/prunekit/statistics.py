@@ -3,6 +3,12 @@
 Gradients are taken with ``torch.autograd.grad`` on the targeted parameters only, so the user's
 ``.grad`` fields, the optimizer and the normalisation layers' running statistics stay untouched (the
 model runs in eval mode during collection and gets its mode back afterwards).
+
+Batch statistics (``grad_abs``, ``movement``) sum one gradient per batch. The diagonal empirical Fisher
+(``fisher``) sums *per-sample* squared gradients, ``(1/N) sum_n (dl_n/dw)^2`` over the N calibration
+samples (``torch.func.vmap`` over ``grad``, in chunks), so it does not depend on how the data is batched:
+the square of a batch's mean gradient would shrink with the batch size and, for one large batch, collapse
+into the square of the full gradient.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +36,8 @@ class TargetStatistics:
 
     count: int = 0
     grad_abs_sum: Tensor | None = None  # sum of |batch gradient| (no cancellation between batches)
-    grad_sq_sum: Tensor | None = None  # sum of squared batch gradients (diagonal empirical Fisher)
+    fisher_sum: Tensor | None = None  # sum over samples of squared per-sample gradients
+    samples: int = 0  # samples behind ``fisher_sum``
     movement: Tensor | None = None  # sum of -w * g (movement pruning, Sanh et al. 2020)
     extra: dict = field(default_factory=dict)
 
@@ -38,7 +47,8 @@ class TargetStatistics:
 
     @property
     def fisher_diag(self) -> Tensor:
-        return self.grad_sq_sum / max(self.count, 1)
+        """Diagonal empirical Fisher: the mean over samples of the squared per-sample gradient."""
+        return self.fisher_sum / max(self.samples, 1)
 
     def add(self, grad: Tensor, weight: Tensor, needs: frozenset[str]) -> None:
         """Accumulate one batch gradient of this parameter."""
@@ -47,9 +57,6 @@ class TargetStatistics:
         if "grad_abs" in needs:
             magnitude = grad.abs()
             self.grad_abs_sum = magnitude if self.grad_abs_sum is None else self.grad_abs_sum.add_(magnitude)
-        if "grad_sq" in needs:
-            sq = grad.square()
-            self.grad_sq_sum = sq if self.grad_sq_sum is None else self.grad_sq_sum.add_(sq)
         if "movement" in needs:
             step = -(weight.detach() * grad)
             self.movement = step if self.movement is None else self.movement.add_(step)
@@ -106,20 +113,99 @@ def collect_gradient_statistics(
     """Accumulate gradient statistics of ``targets`` over the batches of ``data``."""
     stats = {t.name: TargetStatistics() for t in targets}
     params = [t.parameter for t in targets]
+    batch_needs = needs - {"fisher"}
     was_training = model.training
     model.eval()
     try:
         seen = 0
         for batch in islice(data, max_batches):
-            loss = batch_loss(model, batch, loss_fn)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for target, grad in zip(targets, grads):
-                if grad is None:
-                    grad = torch.zeros_like(target.parameter)
-                stats[target.name].add(grad, target.value, needs)
+            if batch_needs:
+                loss = batch_loss(model, batch, loss_fn)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for target, grad in zip(targets, grads):
+                    if grad is None:
+                        grad = torch.zeros_like(target.parameter)
+                    stats[target.name].add(grad, target.value, batch_needs)
+            if "fisher" in needs:
+                count, sums = per_sample_squared_gradients(model, params, batch, loss_fn)
+                for target, sq in zip(targets, sums):
+                    s = stats[target.name]
+                    s.fisher_sum = sq if s.fisher_sum is None else s.fisher_sum.add_(sq)
+                    s.samples += count
+                    if not batch_needs:
+                        s.count += 1
             seen += 1
         if seen == 0:
             raise ValueError("the calibration data yielded no batch")
     finally:
         model.train(was_training)
     return stats
+
+
+_CHUNK_FLOATS = 1 << 25  # per-sample gradients held at once (128 MiB of float32)
+
+
+class _LossOf(nn.Module):
+    """``batch -> loss`` as a module, so ``torch.func.functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return batch_loss(self.model, batch, self.loss_fn)
+
+
+def _batch_size(batch) -> int:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0]
+    if not leaves:
+        raise ValueError("per-sample gradients need batches of tensors with a leading batch dimension")
+    return leaves[0].shape[0]
+
+
+def per_sample_squared_gradients(
+    model: nn.Module, params: Sequence[Tensor], batch, loss_fn: LossFn | None = None
+) -> tuple[int, list[Tensor]]:
+    """``(N, [sum over the batch's N samples of (dl_n/dp)^2 for p in params])``.
+
+    Computed with ``torch.func.vmap`` over ``torch.func.grad`` on chunks of the batch; a model that
+    ``vmap`` cannot run (data-dependent control flow) falls back to one backward pass per sample.
+    """
+    from torch.func import functional_call, grad, vmap
+    from torch.utils._pytree import tree_map
+
+    wrapper = _LossOf(model, loss_fn)
+    names = {id(p): n for n, p in wrapper.named_parameters(remove_duplicate=False)}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError("per-sample gradients: a target parameter is not a parameter of the model")
+    target_names = [names[id(p)] for p in params]
+    fixed = {n: p.detach() for n, p in wrapper.named_parameters() if n not in set(target_names)}
+    fixed.update(dict(wrapper.named_buffers()))
+    n = _batch_size(batch)
+
+    def sample_loss(weights: dict, sample):
+        one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
+        return functional_call(wrapper, {**fixed, **weights}, (one,))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0))
+    weights = {name: p.detach() for name, p in zip(target_names, params)}
+    chunk = max(1, min(n, _CHUNK_FLOATS // max(sum(p.numel() for p in params), 1)))
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    try:
+        for start in range(0, n, chunk):
+            part = tree_map(lambda t: t[start:start + chunk] if isinstance(t, Tensor) and t.dim() else t, batch)
+            grads = per_sample(weights, part)
+            for total, name in zip(sums, target_names):
+                total.add_(grads[name].float().square().sum(0))
+    except (RuntimeError, NotImplementedError) as error:  # vmap cannot run this model
+        warnings.warn(f"per-sample gradients fall back to one backward pass per sample ({error})", stacklevel=2)
+        sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for i in range(n):
+            one = tree_map(lambda t: t[i:i + 1] if isinstance(t, Tensor) and t.dim() else t, batch)
+            grads = torch.autograd.grad(batch_loss(model, one, loss_fn), list(params), allow_unused=True)
+            for total, g in zip(sums, grads):
+                if g is not None:
+                    total.add_(g.detach().float().square())
+    return n, sums

@@ -32,14 +32,20 @@ class Taylor(Criterion):
         return target.value.detach().abs() * grad
 
 
-@CRITERIA.register("obd", "1/2 h_ii w^2, h_ii from a diagonal empirical Fisher (Optimal Brain Damage, LeCun 1989)")
+@CRITERIA.register("obd", "1/2 h_ii w^2, h_ii = per-sample empirical Fisher diagonal (Optimal Brain Damage, LeCun et al. 1989)")
 class OptimalBrainDamage(Criterion):
+    """Saliency ``s_i = 1/2 h_ii w_i^2`` (LeCun et al. 1989). The Hessian diagonal ``h_ii`` is estimated by
+    the diagonal empirical Fisher ``(1/N) sum_n (dl_n/dw_i)^2`` over the N calibration samples (per-sample
+    gradients, so any batching of the same samples gives the same scores). At a minimum of a model whose
+    predictive distribution matches the labels, the Fisher equals the Hessian (LeCun used a Gauss-Newton
+    diagonal computed by back-propagation; both drop the second-derivative-of-the-network term)."""
+
     name = "obd"
-    needs = frozenset({"grad_sq"})
+    needs = frozenset({"fisher"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
-        fisher = require(stats, "grad_sq_sum", self.name, target) / max(stats.count, 1)
-        return 0.5 * fisher * target.value.detach().square()
+        require(stats, "fisher_sum", self.name, target)
+        return 0.5 * stats.fisher_diag * target.value.detach().square()
 
 
 @CRITERIA.register("movement", "-sum w g over fine-tuning steps: weights moving toward zero go (Sanh et al. 2020)")

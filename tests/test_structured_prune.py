@@ -121,7 +121,7 @@ def test_entropy_fisher_and_redundancy_formulas():
     half = fisher_ratio(torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([0, 0, 1, 1]))
     assert torch.allclose(half, torch.tensor([4.0 / 1.0]))  # between 2*(1)^2*2=4, within 4*0.25=1
     vectors = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
-    scores = ranked_redundancy(vectors, vectors.norm(dim=1), absolute=False)
+    scores = ranked_redundancy(vectors, vectors.norm(dim=1))
     assert scores.tolist() == [0.0, 1.0, 1.0]  # the weaker copy of a filter goes, the stronger stays
 
 

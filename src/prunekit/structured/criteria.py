@@ -16,19 +16,20 @@ channel's importance is judged from everything that goes with it.
 ``lda``                Fisher's discriminant ratio of the channel's pooled activations between the
                        classes: between-class over within-class variance (needs labelled batches)
 ``similarity``         1 - max cosine similarity of the channel's filter to a filter of larger norm
-``correlation``        1 - max |correlation| of the channel's activations with a more active channel
+                       (a zero filter scores 0)
+``correlation``        1 - max positive correlation of the channel's activations with a more active
+                       channel (negative correlation is information; a constant channel scores 0)
 ``random``             seeded uniform scores
 ====================  =============================================================================
 
 Activations are read where layers read the channel (the graph's taps), averaged over taps.
 The redundancy criteria (``similarity``, ``correlation``) compare each channel only with channels ranked
-above it (by norm or by activity), so of two identical channels one keeps score 1 and the other gets 0:
-pruning removes one copy, not both.
+above it (by norm or by activity), so of two identical channels one keeps its score and the other gets 0:
+pruning removes one copy, not both. Dead channels (a zero filter, a constant activation) score 0 too.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -323,25 +324,32 @@ class LDA(GroupCriterion):
         return torch.stack(scores).mean(0)
 
 
-def ranked_redundancy(vectors: Tensor, rank: Tensor, absolute: bool) -> Tensor:
-    """1 - max similarity of each row to any row ranked higher (``rank`` larger = more important)."""
-    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def ranked_redundancy(vectors: Tensor, rank: Tensor) -> Tensor:
+    """Redundancy score of each row: ``1 - max(0, max cos(v_i, v_j))`` over the rows ``j`` ranked above ``i``
+    (``rank`` larger = more important); an all-zero row scores 0.
+
+    Only *positive* similarity makes a row redundant: a row pointing the opposite way (a negative
+    correlation) carries its own information. A zero row (a dead filter, a constant activation) carries
+    none, so it scores 0 with the exact duplicates: these go first.
+    """
+    norms = vectors.norm(dim=1)
+    unit = vectors / norms[:, None].clamp_min(1e-12)
     sim = unit @ unit.t()
-    if absolute:
-        sim = sim.abs()
     n = vectors.shape[0]
     order = torch.argsort(rank, descending=True, stable=True)
     position = torch.empty(n, dtype=torch.long)
     position[order] = torch.arange(n)
     above = position[None, :] < position[:, None]  # above[i, j]: j ranked before i
-    masked = torch.where(above, sim, torch.full_like(sim, -math.inf if not absolute else 0.0))
-    best = masked.max(1).values
-    best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-    return 1.0 - best.clamp(min=0.0) if not absolute else 1.0 - best
+    best = torch.where(above, sim, torch.zeros_like(sim)).amax(1).clamp(0.0, 1.0)
+    dead = norms <= 1e-12 * norms.max().clamp_min(1e-30)
+    return torch.where(dead, torch.zeros_like(best), 1.0 - best)
 
 
-@_register("similarity", "1 - max cosine similarity of the channel's filter to a filter of larger norm (redundancy)")
+@_register("similarity", "1 - max cosine similarity of the channel's filter to a filter of larger norm; zero filters 0")
 class FilterSimilarity(GroupCriterion):
+    """Filter redundancy (the seeds' cosine distance): a channel whose filter points where a stronger filter
+    points adds little; a zero filter adds nothing. Of two copies, the weaker (or the later) goes."""
+
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         members = [m for m in _parameters(group) if "out" in m.roles] or _parameters(group)
         parts = []
@@ -357,18 +365,22 @@ class FilterSimilarity(GroupCriterion):
         if not parts:
             raise ValueError(f"group {group.name}: its filters do not have one layout, similarity is undefined")
         vectors = torch.cat(parts, 1)
-        return ranked_redundancy(vectors, vectors.norm(dim=1), absolute=False)
+        return ranked_redundancy(vectors, vectors.norm(dim=1))
 
 
-@_register("correlation", "1 - max |correlation| of the channel's activations with a more active channel")
+@_register("correlation", "1 - max positive correlation of the channel's activations with a more active channel")
 class ActivationCorrelation(GroupCriterion):
+    """Activation redundancy (the seeds' correlation matrix): strongly *positively* correlated channels are
+    redundant, so the less active one scores low; negatively correlated channels carry complementary
+    information and keep their score; a constant channel (no variance, e.g. dead) scores 0."""
+
     needs = "samples"
 
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         scores = []
         for samples, _ in context.channel_samples(group):
             centred = samples - samples.mean(0)
-            scores.append(ranked_redundancy(centred.t(), samples.abs().mean(0), absolute=True))
+            scores.append(ranked_redundancy(centred.t(), samples.abs().mean(0)))
         return torch.stack(scores).mean(0)
 
 

@@ -132,19 +132,30 @@ def mean_batch_gradients(model, data):
     return params, [s / n for s in sums], [a / n for a in abs_sums], [q / n for q in sq]
 
 
-@pytest.mark.parametrize("method", ["gradient", "taylor"])  # obd: tests/test_obd.py
+@pytest.mark.parametrize("method", ["grad_abs", "weight_grad_abs", "taylor"])  # obd: tests/test_obd.py
 def test_gradient_criteria_follow_their_formulas(method):
     model = convnet()
     data = batches()
     params, _, abs_grads, fisher = mean_batch_gradients(model, data)
     formula = {
-        "gradient": lambda w, g, f: g,  # mean over batches of |g_b|
-        "taylor": lambda w, g, f: w.abs() * g,  # mean over batches of |w g_b|
+        "grad_abs": lambda w, g, f: g,  # mean over batches of |g_b|
+        "weight_grad_abs": lambda w, g, f: w.abs() * g,  # mean over batches of |w g_b|
+        "taylor": lambda w, g, f: w * w * f,  # mean over batches of (w g_b)^2 (Molchanov et al. 2019)
     }[method]
     expected_scores = [formula(w.detach(), g, f) for w, g, f in zip(params, abs_grads, fisher)]
     pk.prune(model, 0.6, method=method, scope="local", data=data)
     for mask, scores in zip(pk.masks(model).values(), expected_scores):
         assert_prunes_lowest(mask, scores, 0.6)
+
+
+def test_gradient_is_a_deprecated_alias_of_grad_abs_and_is_not_listed():
+    a, b = twin(convnet)
+    data = batches()
+    pk.prune(a, 0.5, method="grad_abs", data=data)
+    with pytest.warns(DeprecationWarning, match="'gradient' is deprecated; it is now called 'grad_abs'"):
+        pk.prune(b, 0.5, method="gradient", data=data)
+    assert all(torch.equal(x, y) for x, y in zip(pk.masks(a).values(), pk.masks(b).values()))
+    assert "gradient" not in pk.criteria.CRITERIA.names() and "gradient" in pk.criteria.CRITERIA
 
 
 def test_movement_scores_are_minus_w_g_summed():

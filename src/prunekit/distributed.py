@@ -134,7 +134,7 @@ def reduce_statistics(stats: Mapping[str, object]) -> None:
     if not is_distributed():
         return
     names = list(stats)
-    fields = ("grad_abs_sum", "fisher_sum", "movement")
+    fields = ("grad_abs_sum", "grad_sq_sum", "fisher_sum", "movement")
     present = torch.tensor(
         [[getattr(stats[n], f) is not None for f in fields] for n in names], dtype=torch.uint8
     ).reshape(-1)

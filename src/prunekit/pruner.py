@@ -115,7 +115,7 @@ class Pruner:
             report = self.spec.report(sparsity, rows)
             self.history.append(report)
             for stat in self._running.values():  # gradient sums restart; movement keeps accumulating
-                stat.count, stat.grad_abs_sum = 0, None
+                stat.count, stat.grad_abs_sum, stat.grad_sq_sum = 0, None, None
         self.step_count += 1
         return report
 

@@ -7,6 +7,7 @@ words, and an unknown name gets the same helpful error everywhere.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -19,6 +20,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, tuple[T, str]] = {}
+        self._aliases: dict[str, str] = {}  # deprecated name -> current name (not listed)
 
     def register(self, name: str, summary: str) -> Callable[[T], T]:
         """Decorator: ``@REGISTRY.register("name", "one line")``."""
@@ -30,21 +32,37 @@ class Registry(Generic[T]):
         return add
 
     def add(self, name: str, entry: T, summary: str) -> None:
-        if name in self._entries:
+        if name in self._entries or name in self._aliases:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = (entry, summary)
+
+    def alias(self, old: str, new: str) -> None:
+        """Keep the deprecated name ``old`` working as ``new``, with a ``DeprecationWarning``; it is not listed."""
+        if new not in self._entries:
+            raise ValueError(f"cannot alias {old!r} to {new!r}: no {self.kind} {new!r} is registered")
+        if old in self._entries or old in self._aliases:
+            raise ValueError(f"{self.kind} {old!r} is already registered")
+        self._aliases[old] = new
 
     def get(self, name: str) -> T:
         """The entry called ``name``; an unknown name raises ``ValueError`` with the closest names."""
         if not isinstance(name, str):
             raise TypeError(f"{self.kind} must be given by name (a string), got {type(name).__name__}")
         key = name.strip().lower()
+        if key in self._aliases:
+            new = self._aliases[key]
+            warnings.warn(
+                f"{self.kind} {key!r} is deprecated; it is now called {new!r} ({self._entries[new][1]})",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            key = new
         if key not in self._entries:
             raise ValueError(unknown_name_message(self.kind, name, self._entries))
         return self._entries[key][0]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.strip().lower() in self._entries
+        return isinstance(name, str) and (name.strip().lower() in self._entries or name.strip().lower() in self._aliases)
 
     def names(self) -> list[str]:
         return list(self._entries)

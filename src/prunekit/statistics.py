@@ -4,7 +4,7 @@ Gradients are taken with ``torch.autograd.grad`` on the targeted parameters only
 ``.grad`` fields, the optimizer and the normalisation layers' running statistics stay untouched (the
 model runs in eval mode during collection and gets its mode back afterwards).
 
-Batch statistics (``grad_abs``, ``movement``) sum one gradient per batch. The diagonal empirical Fisher
+Batch statistics (``grad_abs``, ``grad_sq``, ``movement``) sum one gradient per batch. The diagonal empirical Fisher
 (``fisher``) sums *per-sample* squared gradients, ``(1/N) sum_n (dl_n/dw)^2`` over the N calibration
 samples (``torch.func.vmap`` over ``grad``, in chunks), so it does not depend on how the data is batched:
 the square of a batch's mean gradient would shrink with the batch size and, for one large batch, collapse
@@ -36,6 +36,7 @@ class TargetStatistics:
 
     count: int = 0
     grad_abs_sum: Tensor | None = None  # sum of |batch gradient| (no cancellation between batches)
+    grad_sq_sum: Tensor | None = None  # sum of squared batch gradients
     fisher_sum: Tensor | None = None  # sum over samples of squared per-sample gradients
     samples: int = 0  # samples behind ``fisher_sum``
     movement: Tensor | None = None  # sum of -w * g (movement pruning, Sanh et al. 2020)
@@ -57,6 +58,9 @@ class TargetStatistics:
         if "grad_abs" in needs:
             magnitude = grad.abs()
             self.grad_abs_sum = magnitude if self.grad_abs_sum is None else self.grad_abs_sum.add_(magnitude)
+        if "grad_sq" in needs:
+            sq = grad.square()
+            self.grad_sq_sum = sq if self.grad_sq_sum is None else self.grad_sq_sum.add_(sq)
         if "movement" in needs:
             step = -(weight.detach() * grad)
             self.movement = step if self.movement is None else self.movement.add_(step)

@@ -9,27 +9,49 @@ from ..targets import Target
 from .base import CRITERIA, Criterion, require
 
 
-# Both average |g| batch by batch: at a converged model the mean gradient nearly cancels out, while
-# the per-batch magnitudes still say how much the loss reacts to each weight.
+# Every batch statistic is averaged over batches of |g| or g^2, never of g itself: at a converged model the
+# mean gradient nearly cancels out, while the per-batch magnitudes still say how much the loss reacts.
 
 
-@CRITERIA.register("gradient", "|g|: gradient magnitude, averaged over batches")
-class Gradient(Criterion):
-    name = "gradient"
+@CRITERIA.register("grad_abs", "|g|: gradient magnitude alone, mean over batches (was 'gradient')")
+class GradAbs(Criterion):
+    """``mean_b |g_b|``: how strongly the loss reacts to the weight, whatever its value."""
+
+    name = "grad_abs"
     needs = frozenset({"grad_abs"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
         return require(stats, "grad_abs_sum", self.name, target) / max(stats.count, 1)
 
 
-@CRITERIA.register("taylor", "|w g|: first-order Taylor estimate of the loss change, averaged over batches (Molchanov et al.)")
-class Taylor(Criterion):
-    name = "taylor"
+@CRITERIA.register("weight_grad_abs", "|w g|, mean over batches: the seeds' 'gradient magnitude pruning'")
+class WeightGradAbs(Criterion):
+    """``mean_b |w g_b|``: the L1 norm of weight times gradient (the seeds' "gradient magnitude pruning";
+    for one batch it ranks as ``taylor`` does)."""
+
+    name = "weight_grad_abs"
     needs = frozenset({"grad_abs"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
         grad = require(stats, "grad_abs_sum", self.name, target) / max(stats.count, 1)
         return target.value.detach().abs() * grad
+
+
+@CRITERIA.register("taylor", "(w g)^2, mean over batches: first-order Taylor importance (Molchanov et al. 2019)")
+class Taylor(Criterion):
+    """First-order Taylor importance (Molchanov et al. 2019, eq. 3): ``I = (g w)^2``, the squared first-order
+    loss change when ``w`` is zeroed, averaged over batches: ``w^2 mean_b g_b^2``. ``pk.structured``'s
+    ``taylor`` is the same saliency for a channel, ``(sum over its weights of w g)^2``."""
+
+    name = "taylor"
+    needs = frozenset({"grad_sq"})
+
+    def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
+        grad_sq = require(stats, "grad_sq_sum", self.name, target) / max(stats.count, 1)
+        return target.value.detach().square() * grad_sq
+
+
+CRITERIA.alias("gradient", "grad_abs")
 
 
 @CRITERIA.register("obd", "1/2 h_ii w^2, h_ii = per-sample empirical Fisher diagonal (Optimal Brain Damage, LeCun et al. 1989)")

@@ -7,7 +7,6 @@ residual blocks, group criteria, and channel masks that agree with surgery.
     pk.structured.prune(model, example_inputs, ratio=0.5, method="l1", scope="local")
 """
 
-from . import rules  # noqa: F401  (registers the built-in rules, MultiheadAttention included)
 from ._types import UnsupportedOperationError
 from .graph import Boundary, DependencyGraph, Group, Member
 from .mha import PrunedMultiheadAttention

@@ -24,7 +24,7 @@ from .. import masking
 from ..scope import check_sparsity
 from ..statistics import LossFn
 from .criteria import GroupCriterion, ScoringContext, get_group_criterion
-from .graph import DependencyGraph, Group, _call
+from .graph import DependencyGraph, Group, split_inputs
 from .surgery import channel_masks, remove_channels
 
 __all__ = [
@@ -221,7 +221,7 @@ def select_channels(
 
 
 def _output_shapes(model: nn.Module, example_inputs: Any) -> list:
-    args, kwargs = _call(model, example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -425,7 +425,7 @@ def dead_channels(graph: DependencyGraph) -> dict[int, Tensor]:
         if out_zero.any():
             read = torch.zeros(g.size)
             tapped = torch.zeros(g.size, dtype=torch.bool)
-            for tap in graph._taps:
+            for tap in graph.taps:
                 channel = graph.channel_lookup(g, tap.labels)
                 pos = channel >= 0
                 if pos.any():

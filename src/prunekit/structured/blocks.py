@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..statistics import LossFn, batch_loss, move_to
-from .graph import _call, _Tracer
+from .graph import FxTracer, split_inputs
 from .statistics import split_batch
 
 __all__ = ["RemovedBlock", "residual_blocks", "block_scores", "remove_blocks", "BLOCK_METHODS"]
@@ -39,7 +39,7 @@ class RemovedBlock(nn.Identity):
 
 def residual_blocks(model: nn.Module, example_inputs: Any) -> list[str]:
     """Names of the submodules that are residual blocks with an identity shortcut, in model order."""
-    graph = _Tracer().trace(model)
+    graph = FxTracer().trace(model)
     modules = dict(model.named_modules())
     inside: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
@@ -75,7 +75,7 @@ def _io_shapes(model: nn.Module, example_inputs: Any, names: Sequence[str]) -> d
             if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
                 shapes.setdefault(name, (tuple(args[0].shape), tuple(output.shape)))
         handles.append(modules[name].register_forward_hook(hook))
-    args, kwargs = _call(model, example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -188,7 +188,7 @@ def remove_blocks(
     if method == "loss" and data is None:
         raise ValueError("block method 'loss' needs labelled data= batches")
     if data is None:
-        args, kwargs = _call(model, example_inputs)
+        args, kwargs = split_inputs(example_inputs)
         data = [kwargs] if kwargs else [args[0] if len(args) == 1 else (args, None)]
     scores = block_scores(model, candidates, data, method, loss_fn, max_batches)
     chosen = sorted(candidates, key=lambda b: (scores[b], candidates.index(b)))[:count]

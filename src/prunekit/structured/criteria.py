@@ -116,7 +116,7 @@ class ScoringContext:
         if self._taps is None or (per_sample and not any(s.samples for s in self._taps.values())):
             if self.data is None:
                 raise ValueError("this method is data-driven: pass data= (an iterable of calibration batches)")
-            taps = sorted({(t.module_name, t.dim) for t in self.graph._taps if t.module_name is not None})
+            taps = sorted({(t.module_name, t.dim) for t in self.graph.taps if t.module_name is not None})
             self._taps = collect_activation_statistics(self.graph.model, taps, self.data, per_sample=per_sample,
                                                        max_batches=self.max_batches)
         return self._taps
@@ -125,7 +125,7 @@ class ScoringContext:
         """(positions, channel of each position, statistics) for every tap reading ``group``."""
         found = []
         seen = set()
-        for tap in self.graph._taps:
+        for tap in self.graph.taps:
             if tap.module_name is None or (tap.module_name, tap.dim) in seen:
                 continue
             channel = self.graph.channel_lookup(group, tap.labels)

@@ -1,4 +1,4 @@
-"""``nn.MultiheadAttention``: head pruning and embedding-dimension pruning.
+"""``PrunedMultiheadAttention``: the MultiheadAttention that surgery leaves when heads or widths go.
 
 ``nn.MultiheadAttention`` ties its inner width to its embedding width (``embed_dim = num_heads *
 head_dim``), so a model with heads removed cannot be an ``nn.MultiheadAttention`` any more. Surgery turns
@@ -13,11 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import rules as _rules
 
 __all__ = ["PrunedMultiheadAttention"]
 
@@ -119,96 +117,3 @@ def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if mask is None or mask.is_floating_point():
         return mask
     return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
-
-
-def _heads(ctx, module) -> Tensor:
-    store = ctx.graph.__dict__.setdefault("_head_atoms", {})
-    if id(module) not in store:
-        store[id(module)] = ctx.new(module.num_heads)
-    return store[id(module)]
-
-
-def _mha_rule(ctx):
-    m = ctx.module
-    q_arg, k_arg, v_arg = ctx.raw(0, "query"), ctx.raw(1, "key"), ctx.raw(2, "value")
-    q_val = ctx.value(q_arg)
-    d = q_val.ndim - 1
-    q, k, v = ctx.dims(q_arg), ctx.dims(k_arg), ctx.dims(v_arg)
-    heads = _heads(ctx, m)
-    per_head = heads.repeat_interleave(m.head_dim)
-    # masks that name heads or carry channels
-    attn_mask = ctx.raw(5, "attn_mask")
-    mask_val = ctx.value(attn_mask)
-    if isinstance(mask_val, Tensor) and mask_val.dim() == 3:
-        ctx.pin(heads, "MultiheadAttention with a per-head (3-D) attn_mask")
-    for mask in (attn_mask, ctx.raw(3, "key_padding_mask")):
-        if isinstance(mask, fx.Node):
-            for l in ctx.dims(mask).values():
-                ctx.pin(l, "attention mask")
-    if m._qkv_same_embed_dim:
-        w = ctx.tensor(m, "in_proj_weight")
-        ctx.consume(w, 0, torch.cat([per_head] * 3), "out")
-        for lab in (q, k, v):
-            ctx.consume(w, 1, lab.get(d), "in")
-        ctx.tap(q_val, d, q.get(d))
-    else:
-        for name, lab, arg in (("q_proj_weight", q, q_arg), ("k_proj_weight", k, k_arg), ("v_proj_weight", v, v_arg)):
-            info = ctx.tensor(m, name)
-            ctx.consume(info, 0, per_head, "out")
-            ctx.consume(info, 1, lab.get(d), "in")
-    b = ctx.tensor(m, "in_proj_bias")
-    if b is not None:
-        ctx.consume(b, 0, torch.cat([per_head] * 3), "out")
-    for name in ("bias_k", "bias_v"):
-        info = ctx.tensor(m, name)
-        if info is not None:
-            ctx.consume(info, 2, per_head, "out")
-    w_out = ctx.tensor(m.out_proj, "weight")
-    ctx.consume(w_out, 1, per_head, "in")
-    out_labels = ctx.param(w_out, 0, "out")
-    b_out = ctx.tensor(m.out_proj, "bias")
-    if b_out is not None:
-        ctx.consume(b_out, 0, out_labels, "out")
-    # attention mixes positions of keys and values: their sequence and batch dims cannot shrink
-    for lab in (k, v):
-        for dim, l in lab.items():
-            if dim != d:
-                ctx.pin(l, "attention mixes the keys and values along this dimension")
-    out = {dim: l for dim, l in q.items() if dim != d}
-    out[d] = out_labels
-    weights = None
-    if isinstance(ctx.output, (tuple, list)) and ctx.output[1] is not None:
-        weights = {}
-        used = any(u.op == "call_function" and u.args[1] == 1 and u.users for u in ctx.node.users
-                   if len(u.args) > 1)
-        average = ctx.value(ctx.raw(6, "average_attn_weights", True))
-        if used:
-            if average:
-                ctx.pin(heads, "the head-averaged attention weights are used (their mean depends on every head)")
-            else:
-                weights = {ctx.output[1].ndim - 3: heads}
-    return [out, weights]
-
-
-def _resize_mha(module: nn.MultiheadAttention, sizes) -> None:
-    if module._qkv_same_embed_dim:
-        inner = module.in_proj_weight.shape[0] // 3
-        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
-    else:
-        inner = module.q_proj_weight.shape[0]
-        module.embed_dim = module.q_proj_weight.shape[1]
-        module.kdim = module.k_proj_weight.shape[1]
-        module.vdim = module.v_proj_weight.shape[1]
-    module.num_heads = inner // module.head_dim
-    module.out_proj.in_features = module.out_proj.weight.shape[1]
-    module.out_proj.out_features = module.out_proj.weight.shape[0]
-    if not isinstance(module, PrunedMultiheadAttention):
-        cls = type(module)
-        if cls is nn.MultiheadAttention:
-            module.__class__ = PrunedMultiheadAttention
-        else:  # a parametrized (masked) MultiheadAttention: keep its properties on a new subclass
-            namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, (PrunedMultiheadAttention,), namespace)
-
-
-_rules.register_rule(nn.MultiheadAttention, _mha_rule, _resize_mha, ("embed_dim", "kdim", "vdim", "num_heads"))

@@ -100,7 +100,7 @@ class StructuredSpec:
         return None
 
     def _refresh_masks(self) -> None:
-        for info in self.graph._infos.values():
+        for info in self.graph.tensors:
             if info.kind == "parameter":
                 info.mask = masking.get_mask(self.model, info.name)
 

@@ -50,9 +50,9 @@ def _removed_components(graph: DependencyGraph, removal: Mapping[int, Tensor]) -
 
 def _keep_indices(graph: DependencyGraph, removed: Tensor):
     """{TensorInfo: {dim: kept indices}} for every tensor dimension that loses something."""
-    roots = graph._atoms.roots()
+    roots = graph.roots()
     plan = {}
-    for info in graph._infos.values():
+    for info in graph.tensors:
         for dim, labels in info.dims.items():
             keep = labels < 0
             keep[~keep] = ~torch.isin(roots[labels[~keep]], removed)
@@ -74,16 +74,15 @@ def remove_channels(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> li
     if removed.numel() == 0:
         return []
     plan = _keep_indices(graph, removed)
-    roots = graph._atoms.roots()
+    roots = graph.roots()
     # new input channel counts of every called layer, before tensors change
     input_sizes: dict[int, int] = {}
-    for _, module, in_labels, _ in graph._calls:
-        if isinstance(in_labels, dict):
-            lab = in_labels.get(1, in_labels.get(0))
-            if lab is not None:
-                keep = lab < 0
-                keep[~keep] = ~torch.isin(roots[lab[~keep]], removed)
-                input_sizes[id(module)] = int(keep.sum())
+    for call in graph.calls:
+        lab = call.input_channels()
+        if lab is not None:
+            keep = lab < 0
+            keep[~keep] = ~torch.isin(roots[lab[~keep]], removed)
+            input_sizes[id(call.module)] = int(keep.sum())
     changed: dict[int, tuple[str, nn.Module]] = {}
     with torch.no_grad():
         for info, dims in plan.items():
@@ -100,10 +99,11 @@ def remove_channels(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> li
                 info.mask.data = mask.contiguous()
             for name, module, _ in info.owners:
                 changed[id(module)] = (name, module)
-    for name, module, in_labels, _ in graph._calls:
+    for call in graph.calls:
+        name, module = call.name, call.module
         rule = module_rule(module)
         if id(module) in input_sizes and id(module) not in changed and rule is not None and rule.resize is not None:
-            lab = in_labels.get(1, in_labels.get(0)) if isinstance(in_labels, dict) else None
+            lab = call.input_channels()
             if lab is not None and input_sizes[id(module)] != lab.numel():
                 changed[id(module)] = (name, module)
     for name, module in changed.values():

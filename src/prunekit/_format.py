@@ -1,10 +1,10 @@
-"""Human-readable numbers for tables and reports: ``1.2M``, ``3.4 MFLOPs``, ``5.6 MiB``."""
+"""Human-readable numbers for tables and reports: ``1.2M``, ``3.4 MFLOPs``, ``5.6 MiB``, ``231 µs``, ``9.3×``."""
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["format_count", "format_bytes", "format_seconds"]
+__all__ = ["format_count", "format_bytes", "format_seconds", "format_ratio", "format_percent"]
 
 _DECIMAL = ["", "K", "M", "G", "T", "P"]
 _BINARY = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
@@ -39,9 +39,23 @@ def format_bytes(n: float, digits: int = 1) -> str:
     return f"{value:.{digits}f} {_BINARY[magnitude]}"
 
 
-def format_seconds(s: float, digits: int = 2) -> str:
-    """``0.00123 -> "1.23 ms"``."""
+def format_seconds(s: float | None, digits: int = 3) -> str:
+    """``0.000231 -> "231 µs"`` (``digits`` significant digits); ``None -> "-"``."""
+    if s is None:
+        return "-"
     for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
         if abs(s) >= scale:
-            return f"{s / scale:.{digits}f} {unit}"
-    return f"{s / 1e-9:.{digits}f} ns"
+            return f"{s / scale:.{digits}g} {unit}"
+    return f"{s / 1e-9:.{digits}g} ns"
+
+
+def format_ratio(value: float | None, digits: int = 1) -> str:
+    """A ratio: ``9.32 -> "9.3×"``; infinity prints as ``"∞"``, ``None`` as ``"-"``."""
+    if value is None:
+        return "-"
+    return "∞" if math.isinf(value) else f"{float(value):.{digits}f}×"
+
+
+def format_percent(value: float | None, digits: int = 1) -> str:
+    """``0.9123 -> "91.2%"``; ``None -> "-"``."""
+    return "-" if value is None else f"{float(value):.{digits}%}"

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .modules import eval_mode, training_mode
+
 __all__ = [
     "digits",
     "loaders",
@@ -241,10 +243,8 @@ def train(
     """
     opt = make_optimizer(model, optimizer, lr, weight_decay) if isinstance(optimizer, str) else optimizer
     device = _device(model)
-    was_training = model.training
-    model.train()
     step = 0
-    try:
+    with training_mode(model, True):
         for _ in range(epochs):
             for inputs, targets in loader:
                 inputs, targets = inputs.to(device), targets.to(device)
@@ -255,8 +255,6 @@ def train(
                 step += 1
                 if callback is not None:
                     callback(step)
-    finally:
-        model.train(was_training)
     return step
 
 
@@ -266,17 +264,13 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
     The model's previous training mode is restored afterwards.
     """
     device = _device(model)
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             for inputs, targets in loader:
                 inputs, targets = inputs.to(device), targets.to(device)
                 correct += int((model(inputs).argmax(dim=1) == targets).sum())
                 total += targets.numel()
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("evaluate() got an empty loader")
     return correct / total

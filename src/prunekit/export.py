@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import masking
-from .metrics import call_model
+from ._format import format_ratio, format_seconds
+from .modules import Inputs, call_model, matches, replace_module
 
 __all__ = [
     "SparseLinear",
@@ -53,7 +54,6 @@ __all__ = [
     "LAYOUTS",
 ]
 
-Inputs = Any  # a tensor, a tuple of positional arguments, or a dict of keyword arguments
 LAYOUTS = ("csr", "bsr")
 _BLOCK_SIZES = (32, 16, 8, 4)
 _MIN_BLOCK_FILL = 0.5  # BSR is tried when the non-zero blocks are at least half full
@@ -373,22 +373,19 @@ class SparsifyPlan:
                 "layers": self.rows()}
 
     def __str__(self) -> str:
-        from .report import seconds, times
-
         lines = [f"{'layer':<24} {'sparsity':>8} {'dense':>9} {'sparse':>9} {'speedup':>7}  decision"]
         for d in self.layers:
             decision = f"sparse ({d.layout})" if d.convert else f"dense: {d.reason}"
-            lines.append(f"{d.name:<24} {d.sparsity:>8.1%} {seconds(d.dense_s):>9} {seconds(d.sparse_s):>9} "
-                         f"{times(d.speedup, 2):>7}  {decision}")
+            dense, sparse = format_seconds(d.dense_s), format_seconds(d.sparse_s)
+            lines.append(f"{d.name:<24} {d.sparsity:>8.1%} {dense:>9} {sparse:>9} {format_ratio(d.speedup, 2):>7}  {decision}")
         if self.speedup is not None:
-            lines.append(f"whole model: {seconds(self.model_dense_s)} dense, {seconds(self.model_sparse_s)} "
-                         f"sparse, {times(self.speedup, 2)}" + (" (reverted to dense)" if self.reverted else ""))
+            lines.append(f"whole model: {format_seconds(self.model_dense_s)} dense, "
+                         f"{format_seconds(self.model_sparse_s)} "
+                         f"sparse, {format_ratio(self.speedup, 2)}" + (" (reverted to dense)" if self.reverted else ""))
         return "\n".join(lines)
 
 
 def _candidates(model: nn.Module, targets: Iterable[str] | None, exclude: Iterable[str]) -> list[tuple[str, nn.Module]]:
-    from .targets import _matches
-
     targets = [targets] if isinstance(targets, str) else (None if targets is None else list(targets))
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     found, used = [], set()
@@ -396,11 +393,11 @@ def _candidates(model: nn.Module, targets: Iterable[str] | None, exclude: Iterab
         if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
         if targets is not None:
-            hits = [p for p in targets if _matches(name, p)]
+            hits = [p for p in targets if matches(name, p)]
             if not hits:
                 continue
             used.update(hits)
-        if any(_matches(name, p) for p in exclude):
+        if any(matches(name, p) for p in exclude):
             continue
         found.append((name, module))
     if targets is not None:
@@ -539,14 +536,6 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, min_sparsity: float,
     return decision
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    setattr(parent, attr, new)
-    return old
-
-
 def sparsify(
     model: nn.Module,
     example_inputs: Inputs,
@@ -588,7 +577,7 @@ def sparsify(
         blocksize = int(block.split("x")[0]) if block else None
         sparse = _to_sparse(dense, layout, blocksize)
         sparse.dense_s, sparse.sparse_s = decision.dense_s, decision.sparse_s
-        replaced.append((decision.name, _replace(work, decision.name, sparse)))
+        replaced.append((decision.name, replace_module(work, decision.name, sparse)))
     if verify and replaced:
         _verify(work, replaced, example_inputs, plan)
     return work
@@ -600,7 +589,7 @@ def _verify(work: nn.Module, replaced: list[tuple[str, nn.Module]], example_inpu
     sparse_modules = [(name, work.get_submodule(name)) for name, _ in replaced]
 
     def use(modules):
-        return lambda: [_replace(work, name, module) for name, module in modules]
+        return lambda: [replace_module(work, name, module) for name, module in modules]
 
     use_dense, use_sparse = use(replaced), use(sparse_modules)
     previous = torch.get_num_threads()

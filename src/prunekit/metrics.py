@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import masking
 from ._format import format_bytes, format_count
+from .modules import Inputs, call_model, eval_mode
 
 __all__ = [
     "count_params",
@@ -52,31 +53,7 @@ __all__ = [
     "format_bytes",
 ]
 
-Inputs = Any  # a tensor, a tuple of positional arguments, or a dict of keyword arguments
-
-
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def call_model(model: nn.Module, example_inputs: Inputs) -> Any:
-    """Call ``model`` on example inputs: a tensor, a tuple of positional arguments, or a dict of kwargs."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, tuple):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval mode, then give every module back its own ``training`` flag."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 @contextmanager
@@ -130,7 +107,7 @@ def _exclusive_flops(model: nn.Module, counts: dict[str, int]) -> dict[int, int]
 def _flop_breakdown(model: nn.Module, example_inputs: Inputs) -> tuple[int, dict[str, tuple[int, float]]]:
     """Dense FLOPs of the whole forward pass, and ``{module name: (its own dense FLOPs, weight density)}``
     for every module that holds parameters."""
-    with _eval_mode(model), torch.no_grad(), _mha_fastpath(False):
+    with eval_mode(model), torch.no_grad(), _mha_fastpath(False):
         counter = FlopCounterMode(display=False)
         with counter:
             call_model(model, example_inputs)
@@ -249,7 +226,7 @@ def latency_stats(
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for _ in range(warmup):
                 call_model(model, example_inputs)
             for _ in range(repeats):

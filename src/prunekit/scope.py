@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .granularity import num_to_prune
+from .modules import matches
 from .registry import Registry
 
 __all__ = ["LayerScores", "Cut", "SCOPES", "get_scope", "kth_cut", "erk_sparsities", "lamp_scores"]
@@ -253,9 +254,6 @@ class PerLayer(Scope):
     that match none get ``default`` (or stay as they are when it is None)."""
 
     def __init__(self, table: Mapping[str, float]) -> None:
-        from .targets import _matches
-
-        self._matches = _matches
         self.table = dict(table)
         for pattern, value in self.table.items():
             check_sparsity(value, f"scope[{pattern!r}]")
@@ -265,7 +263,7 @@ class PerLayer(Scope):
         out = []
         for name in names:
             module = name.rpartition(".")[0]
-            hit = next((p for p in self.table if self._matches(name, p) or self._matches(module, p)), None)
+            hit = next((p for p in self.table if matches(name, p) or matches(module, p)), None)
             if hit is not None:
                 used.add(hit)
             out.append(self.table[hit] if hit is not None else (default or 0.0))

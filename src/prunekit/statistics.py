@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .modules import eval_mode
 from .targets import Target
 
 __all__ = ["TargetStatistics", "collect_gradient_statistics", "batch_loss", "move_to"]
@@ -118,9 +119,7 @@ def collect_gradient_statistics(
     stats = {t.name: TargetStatistics() for t in targets}
     params = [t.parameter for t in targets]
     batch_needs = needs - {"fisher"}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         seen = 0
         for batch in islice(data, max_batches):
             if batch_needs:
@@ -141,8 +140,6 @@ def collect_gradient_statistics(
             seen += 1
         if seen == 0:
             raise ValueError("the calibration data yielded no batch")
-    finally:
-        model.train(was_training)
     return stats
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from .masking import Owner, get_mask, parameter_owners, raw_parameter
+from .modules import is_gpt_conv1d, matches
 
 __all__ = ["Target", "resolve_targets", "default_target_modules"]
 
@@ -54,29 +54,18 @@ def _layout(module: nn.Module, param_name: str) -> tuple[int, int]:
     if param_name == "weight":
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             return 1, 0
-        if _is_gpt_conv1d(module):  # transformers' GPT-2 layer
+        if is_gpt_conv1d(module):  # transformers' GPT-2 layer
             return 1, 0
     return 0, 1
-
-
-def _is_gpt_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (weight stored ``(in, out)``). The MRO is checked, not the class name: once a
-    mask is attached, the module's class is torch's injected ``ParametrizedConv1D``."""
-    return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf")
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """Names of the modules pruned by default: every Linear and convolution (and GPT-2's Conv1D)."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, _DEFAULT_TYPES) or _is_gpt_conv1d(module):
+        if isinstance(module, _DEFAULT_TYPES) or is_gpt_conv1d(module):
             names.append(name)
     return names
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """A pattern names a module (or parameter) and everything inside it; globs are allowed."""
-    return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
 
 
 def resolve_targets(
@@ -140,16 +129,16 @@ def resolve_targets(
                 # Modules first (their weight); a pattern naming no module may name parameters.
                 for n in modules:
                     name = f"{n}.weight" if n else "weight"
-                    if _matches(n, pattern) and name in aliases:
+                    if matches(n, pattern) and name in aliases:
                         found.append(aliases[name])
                 if not found:
-                    found = [aliases[n] for n in aliases if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+                    found = [aliases[n] for n in aliases if matches(n, pattern, inside=False)]
             if not found:
                 raise ValueError(f"target {label} matches no parameter or module with a weight")
             chosen.update(dict.fromkeys(found))
 
     for pattern in exclude:
-        hit = [n for n in chosen if _matches(n, pattern) or _matches(n.rpartition(".")[0], pattern)]
+        hit = [n for n in chosen if matches(n, pattern) or matches(n.rpartition(".")[0], pattern)]
         if not hit:
             raise ValueError(f"exclude pattern {pattern!r} matches none of the targets")
         for n in hit:

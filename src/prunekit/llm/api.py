@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modules import eval_mode
 from ..pruning import LayerReport, PruneReport
 from ..scope import check_sparsity, warn_emptied
 from .blocks import find_blocks
@@ -131,14 +132,11 @@ def prune(
         callback, stop = _rich_progress(layer_method.name)
     elif callable(progress):
         callback = progress
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             records = prune_sequential(model, blocks_name, block_list, layers, layer_method, target_sparsity, nm,
                                        batches, callback, extra)
     finally:
-        model.train(was_training)
         if stop is not None:
             stop()
 

@@ -9,7 +9,6 @@ a prunable layer. Everything outside the blocks (embeddings, the final norm, the
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,19 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from ..masking import get_mask, raw_parameter
+from ..modules import is_gpt_conv1d, matches
 
-__all__ = ["find_blocks", "block_layers", "BlockLayer", "is_conv1d", "is_prunable", "weight_matrix", "matrix_to_weight"]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 ``Conv1D``: a Linear whose weight is stored transposed, as ``(in, out)``."""
-    # The MRO, not the class name: a masked module's class is torch's injected ``ParametrizedConv1D``.
-    return any(c.__name__ == "Conv1D" for c in type(module).__mro__) and hasattr(module, "nf") and hasattr(module, "nx")
+__all__ = ["find_blocks", "block_layers", "BlockLayer", "is_prunable", "weight_matrix", "matrix_to_weight"]
 
 
 def is_prunable(module: nn.Module) -> bool:
     """A Linear or a GPT-2 Conv1D: what the LLM methods prune."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_gpt_conv1d(module)
 
 
 def _weight_count(module: nn.Module) -> int:
@@ -79,7 +73,7 @@ class BlockLayer:
 
     @property
     def conv1d(self) -> bool:
-        return is_conv1d(self.module)
+        return is_gpt_conv1d(self.module)
 
     @property
     def weight_name(self) -> str:
@@ -96,10 +90,6 @@ class BlockLayer:
         return w.shape[1] if self.conv1d else w.shape[0]
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
-
-
 def block_layers(
     block: nn.Module, block_name: str, exclude: Iterable[str] = (), used: set[str] | None = None
 ) -> list[BlockLayer]:
@@ -110,7 +100,7 @@ def block_layers(
         if not local or not is_prunable(module):
             continue
         full = f"{block_name}.{local}"
-        hit = [p for p in exclude if _matches(full, p) or _matches(local, p) or _matches(full + ".weight", p)]
+        hit = [p for p in exclude if matches(full, p) or matches(local, p) or matches(full + ".weight", p)]
         if hit:
             if used is not None:
                 used.update(hit)

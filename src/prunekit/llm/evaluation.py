@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modules import eval_mode
+
 __all__ = ["mean_pooled_embeddings", "embedding_similarity", "encode"]
 
 
@@ -29,9 +31,7 @@ def mean_pooled_embeddings(model: nn.Module, inputs: Mapping[str, Tensor], batch
     device = next(model.parameters()).device
     n = inputs["input_ids"].shape[0]
     out = []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             for i in range(0, n, batch_size):
                 batch = {k: v[i : i + batch_size].to(device) for k, v in inputs.items() if isinstance(v, Tensor)}
@@ -43,8 +43,6 @@ def mean_pooled_embeddings(model: nn.Module, inputs: Mapping[str, Tensor], batch
                 mask = torch.ones(hidden.shape[:2], device=device) if mask is None else mask.to(hidden.dtype)
                 summed = (hidden * mask.unsqueeze(-1)).sum(dim=1)
                 out.append(summed / mask.sum(dim=1, keepdim=True).clamp_min(1e-9))
-    finally:
-        model.train(was_training)
     emb = torch.cat(out).float()
     return F.normalize(emb, dim=-1) if normalize else emb
 

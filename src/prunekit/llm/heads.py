@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .blocks import find_blocks, is_conv1d
+from ..modules import eval_mode, is_gpt_conv1d
+from .blocks import find_blocks
 from .sequential import as_batches
 
 __all__ = [
@@ -95,7 +96,7 @@ def find_attention(block: nn.Module, index: int = 0, prefix: str = "") -> Attent
             style = "llama" if hasattr(m, "o_proj") else "opt"
             o = m.o_proj if style == "llama" else m.out_proj
             return Attention(index, full, m, style, m.q_proj, m.k_proj, m.v_proj, o, int(m.head_dim))
-        if hasattr(m, "c_attn") and hasattr(m, "c_proj") and hasattr(m, "head_dim") and is_conv1d(m.c_attn):
+        if hasattr(m, "c_attn") and hasattr(m, "c_proj") and hasattr(m, "head_dim") and is_gpt_conv1d(m.c_attn):
             if getattr(m, "is_cross_attention", False):
                 continue
             return Attention(index, full, m, "gpt2", None, None, None, m.c_proj, int(m.head_dim))
@@ -214,12 +215,10 @@ def head_importance(
         gates = [torch.ones(a.num_heads, device=device, requires_grad=True) for a in attns]
         totals = [torch.zeros(a.num_heads, dtype=torch.float64) for a in attns]
         frozen = [(p, p.requires_grad) for p in model.parameters()]
-        was_training = model.training
-        model.eval()
         try:
             for p, _ in frozen:
                 p.requires_grad_(False)
-            with torch.enable_grad(), mask_heads(model, gates, blocks):
+            with eval_mode(model), torch.enable_grad(), mask_heads(model, gates, blocks):
                 for batch in batches:
                     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                     grads = torch.autograd.grad(loss_fn(model, batch), gates, allow_unused=True)
@@ -229,7 +228,6 @@ def head_importance(
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
-            model.train(was_training)
         scores = [(t / len(batches)).float() for t in totals]
     if normalize:
         scores = [s / s.norm().clamp_min(1e-12) for s in scores]
@@ -246,7 +244,7 @@ def _index(heads: Sequence[int], d: int, device) -> Tensor:
 
 def _take(module: nn.Module, index: Tensor, output: bool) -> None:
     """Keep the given output units (``output=True``) or input units of a Linear or Conv1D, in place."""
-    conv1d = is_conv1d(module)
+    conv1d = is_gpt_conv1d(module)
     w = module.weight
     dim = (1 if conv1d else 0) if output else (0 if conv1d else 1)
     module.weight = nn.Parameter(w.detach().index_select(dim, index.to(w.device)).clone(), requires_grad=w.requires_grad)

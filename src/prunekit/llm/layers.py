@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..modules import eval_mode
 from .blocks import find_blocks
 from .perplexity import negative_log_likelihood
 from .sequential import as_batches, capture_block_inputs, run_block
@@ -58,9 +59,7 @@ def angular_distances(model: nn.Module, calibration: Any, n: int = 1, *, batch_s
     if not (1 <= n <= L - 1):
         raise ValueError(f"n must be in [1, {L - 1}] for a model with {L} blocks, got {n}")
     batches = as_batches(calibration, batch_size)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             inputs = capture_block_inputs(model, block_list, batches)
             history = [list(inputs.hidden)]  # history[j] = inputs of block (i - len + 1 + j)
@@ -78,8 +77,6 @@ def angular_distances(model: nn.Module, calibration: Any, n: int = 1, *, batch_s
                         s, c = _angular(history[0][b], history[-1][b], inputs.token_masks[b])
                         sums[start] += s
                         counts[start] += c
-    finally:
-        model.train(was_training)
     return (sums / counts).float()
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..masking import named_effective_tensors
-from .blocks import is_conv1d
+from ..modules import is_gpt_conv1d
 from .methods import parse_pattern
 
 __all__ = ["NMTensor", "pack", "unpack", "index_bits", "follows_pattern", "save_nm", "load_nm", "NMSaveReport"]
@@ -151,8 +151,8 @@ def _input_last_layouts(model: nn.Module) -> dict[str, bool]:
     """``{weight name: transposed}`` for every Linear and Conv1D weight (Conv1D stores ``(in, out)``)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or is_conv1d(module):
-            out[f"{name}.weight" if name else "weight"] = is_conv1d(module)
+        if isinstance(module, nn.Linear) or is_gpt_conv1d(module):
+            out[f"{name}.weight" if name else "weight"] = is_gpt_conv1d(module)
     return out
 
 

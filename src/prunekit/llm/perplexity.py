@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modules import eval_mode
+
 __all__ = ["perplexity", "negative_log_likelihood"]
 
 
@@ -67,9 +69,7 @@ def negative_log_likelihood(
         raise ValueError("token_ids must hold at least 2 tokens per stream")
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.no_grad():
             for stream in streams:
                 windows = _windows(stream.numel(), seq_len, stride)
@@ -88,8 +88,6 @@ def negative_log_likelihood(
                         total += float(nll[row, first - b - 1 :].sum(dtype=torch.float64))
                         count += e - first
                     i += len(group)
-    finally:
-        model.train(was_training)
     return total, count
 
 

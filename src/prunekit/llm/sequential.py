@@ -15,7 +15,6 @@ memory, whatever the number of blocks.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import masking
+from ..modules import fraction_pruned, matches
 from .blocks import BlockLayer, is_prunable, block_layers, current_keep, matrix_to_weight, weight_matrix
 from .methods import LayerMethod
 
@@ -215,10 +215,6 @@ def _stats_hook(acc, token_masks: list, current: list[int]):
     return hook
 
 
-def _fraction_pruned(mask: Tensor | None) -> float:
-    return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()
-
-
 def _attach_stats(layers: Sequence[BlockLayer], method: LayerMethod, token_masks: list, current: list[int]):
     stats, handles = {}, []
     for layer in layers:
@@ -238,7 +234,7 @@ def prune_layers(
     records = []
     for layer in layers:
         start = time.perf_counter()
-        before = _fraction_pruned(masking.get_mask(model, layer.weight_name))
+        before = fraction_pruned(masking.get_mask(model, layer.weight_name))
         result = method.prune(weight_matrix(layer), stats.pop(layer.name, None), sparsity, pattern,
                               current_keep(model, layer))
         param = masking.raw_parameter(layer.module, "weight")
@@ -247,7 +243,7 @@ def prune_layers(
                 param.copy_(matrix_to_weight(layer, result.weight).to(param.dtype))
         keep = matrix_to_weight(layer, result.keep).contiguous()
         after = masking.attach(model, layer.weight_name, keep, copy=False, owners=owners[id(param)])
-        records.append(LayerRecord(layer.name, tuple(param.shape), param.numel(), before, _fraction_pruned(after),
+        records.append(LayerRecord(layer.name, tuple(param.shape), param.numel(), before, fraction_pruned(after),
                                    time.perf_counter() - start, result.error))
     return records
 
@@ -350,7 +346,7 @@ def outside_layers(model: nn.Module, blocks_name: str, include: Iterable[str]) -
         for name, module in model.named_modules():
             if not name or name == blocks_name or name.startswith(blocks_name + "."):
                 continue
-            if not (name == pattern or _glob(name, pattern)):
+            if not matches(name, pattern):
                 continue
             if not is_prunable(module):
                 raise ValueError(f"include={pattern!r}: {name} is a {type(module).__name__}, not a Linear or Conv1D")
@@ -376,7 +372,3 @@ def gather_layers(
     if unused:
         raise ValueError(f"exclude pattern {unused[0]!r} matches no layer inside the blocks ({blocks_name}.*)")
     return found
-
-
-def _glob(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Mapping
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from .. import masking
 from ..distributed import unwrap
+from ..modules import matches
 
 __all__ = ["rescale_dropout", "freeze", "unfreeze"]
 
@@ -82,7 +82,7 @@ def _select(model: nn.Module, selectors) -> list[tuple[str, nn.Module]]:
         hit = [
             (n, m) for n, m in model.named_modules()
             if (isinstance(selector, type) and isinstance(m, selector))
-            or (isinstance(selector, str) and (n == selector or fnmatch.fnmatchcase(n, selector)))
+            or (isinstance(selector, str) and matches(n, selector))
         ]
         if not hit:
             label = selector.__name__ if isinstance(selector, type) else repr(selector)

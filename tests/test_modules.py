@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from prunekit._format import format_percent, format_ratio, format_seconds
-from prunekit.modules import call_args, call_model, eval_mode, fraction_pruned, matches, replace_module, training_mode
+from prunekit.modules import split_inputs, call_model, eval_mode, fraction_pruned, matches, replace_module, training_mode
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ class _Add(nn.Module):
 
 def test_call_model_reads_tensor_tuple_and_mapping():
     x, y = torch.tensor([1.0]), torch.tensor([2.0])
-    assert call_args(x) == ((x,), {})
+    assert split_inputs(x) == ((x,), {})
     assert torch.equal(call_model(_Add(), x), x)
     assert torch.equal(call_model(_Add(), (x, y)), x + y)
     assert torch.equal(call_model(_Add(), {"x": x, "y": y}), x + y)

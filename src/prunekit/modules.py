@@ -3,7 +3,7 @@
 * :func:`matches`: what a module or parameter name pattern means (a name, a glob, and everything inside).
 * :func:`eval_mode` / :func:`training_mode`: switch a model's mode for a while, then give every module
   back its own ``training`` flag.
-* :func:`call_model` / :func:`call_args`: call a model on example inputs (a tensor, a tuple of positional
+* :func:`call_model` / :func:`split_inputs`: call a model on example inputs (a tensor, a tuple of positional
   arguments, or a mapping of keyword arguments).
 * :func:`replace_module`: swap the child at a dotted name.
 * :func:`is_gpt_conv1d`: transformers' GPT-2 ``Conv1D`` (a Linear whose weight is stored ``(in, out)``).
@@ -26,7 +26,7 @@ __all__ = [
     "matches",
     "eval_mode",
     "training_mode",
-    "call_args",
+    "split_inputs",
     "call_model",
     "replace_module",
     "is_gpt_conv1d",
@@ -64,7 +64,7 @@ def eval_mode(model: nn.Module) -> Any:
     return training_mode(model, False)
 
 
-def call_args(example_inputs: Inputs) -> tuple[tuple, dict]:
+def split_inputs(example_inputs: Inputs) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of a call on ``example_inputs``: a mapping gives keyword arguments, a tuple
     positional ones, anything else (a tensor) is the only positional argument."""
     if isinstance(example_inputs, Mapping):
@@ -75,8 +75,8 @@ def call_args(example_inputs: Inputs) -> tuple[tuple, dict]:
 
 
 def call_model(model: nn.Module, example_inputs: Inputs) -> Any:
-    """``model(...)`` on example inputs, read as :func:`call_args` reads them."""
-    args, kwargs = call_args(example_inputs)
+    """``model(...)`` on example inputs, read as :func:`split_inputs` reads them."""
+    args, kwargs = split_inputs(example_inputs)
     return model(*args, **kwargs)
 
 

@@ -56,7 +56,6 @@ step. Running writes ``model.safetensors``, ``results.json`` and ``report.html``
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import importlib.util
 import inspect
@@ -70,6 +69,8 @@ from typing import Any, Union
 
 import torch
 from torch import nn
+
+from .registry import did_you_mean, unknown_name_message
 
 __all__ = [
     "RecipeError",
@@ -264,8 +265,7 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
 
 def _unknown_key(path: str, key: Any, known: typing.Iterable[str]) -> RecipeError:
     known = list(known)
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(key, known)
     where = f"{path}.{key}" if path else str(key)
     return RecipeError(f"unknown key {where!r}{hint} (known keys{' of ' + path if path else ''}: {', '.join(known)})")
 
@@ -377,9 +377,7 @@ def _check_values(recipe: Recipe, raw: dict) -> None:
         raise _fail("model.weights", f"file not found: {recipe.resolve(model.weights)}")
 
     if recipe.data.name not in DATASETS:
-        close = difflib.get_close_matches(recipe.data.name, DATASETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise _fail("data.name", f"unknown data set {recipe.data.name!r}{hint} (known: {', '.join(DATASETS)})")
+        raise _fail("data.name", unknown_name_message("data set", recipe.data.name, DATASETS))
     _check_positive_int(recipe.data.batch_size, "data.batch_size")
     _check_kwargs(_data_function(recipe.data.name), recipe.data.kwargs, "data.kwargs", f"prunekit.data.{recipe.data.name}")
 
@@ -435,8 +433,6 @@ def _check_sparsity(value: float, path: str, check: Callable) -> None:
 
 
 def _registry_message(registry, name: str) -> str:
-    from .registry import unknown_name_message
-
     return unknown_name_message(registry.kind, name, registry.names())
 
 
@@ -445,9 +441,7 @@ def _check_schedule(recipe: Recipe, raw: dict) -> None:
     spec = recipe.schedule
     name = spec.name.strip().lower()
     if name not in SCHEDULE_KEYS:
-        close = difflib.get_close_matches(name, SCHEDULE_KEYS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise _fail("schedule.name", f"unknown schedule {spec.name!r}{hint} (known: {', '.join(SCHEDULE_KEYS)})")
+        raise _fail("schedule.name", unknown_name_message("schedule", spec.name, SCHEDULE_KEYS))
     allowed = SCHEDULE_KEYS[name]
     for key in raw:
         if key != "name" and key not in allowed:
@@ -511,9 +505,8 @@ def _check_kwargs(function: Callable, kwargs: dict, path: str, what: str) -> Non
     names = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _fail(f"{path}.{key}", f"{what} takes no argument {key!r}{hint} (it takes: {', '.join(names)})")
+            raise _fail(f"{path}.{key}", f"{what} takes no argument {key!r}{did_you_mean(key, names)} "
+                                         f"(it takes: {', '.join(names)})")
 
 
 def _data_function(name: str) -> Callable:
@@ -545,9 +538,7 @@ def _import_factory(recipe: Recipe) -> Callable[..., nn.Module]:
     factory = getattr(module, function, None)
     if factory is None:
         names = [n for n in dir(module) if not n.startswith("_")]
-        close = difflib.get_close_matches(function, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise _fail("model.factory", f"{module_name!r} has no {function!r}{hint}")
+        raise _fail("model.factory", f"{module_name!r} has no {function!r}{did_you_mean(function, names)}")
     if not callable(factory):
         raise _fail("model.factory", f"{module_name}:{function} is not callable")
     return factory
@@ -562,8 +553,7 @@ def build_model(recipe: Recipe) -> nn.Module:
     if recipe.model.builtin is not None:
         path = "model.builtin"
         build: Callable[..., nn.Module] = lambda **kw: get_model(recipe.model.builtin, **kw)  # noqa: E731
-        canonical = {k.replace("_", ""): f for k, f in MODELS.items()}
-        constructor = canonical.get(recipe.model.builtin.lower().replace("_", "").replace("-", ""))
+        constructor = MODELS.get(recipe.model.builtin) if recipe.model.builtin in MODELS else None
         if constructor is not None:
             _check_kwargs(constructor, recipe.model.kwargs, "model.kwargs", recipe.model.builtin)
     else:

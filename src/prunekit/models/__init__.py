@@ -8,10 +8,11 @@ Every model is a plain ``nn.Module`` whose weights come from torch's global RNG:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from torch import nn
+
+from ..registry import Registry
 
 from .lenet import LeNet5
 from .mlp import LeNet300100, TinyMLP
@@ -35,19 +36,19 @@ __all__ = [
     "resnet20",
 ]
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "lenet300100": LeNet300100,
-    "lenet5": LeNet5,
-    "vgg_small": vgg_small,
-    "vgg11": vgg11,
-    "resnet8": resnet8,
-    "resnet20": resnet20,
-    "tiny_mlp": TinyMLP,
-}
-
-
 def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
+
+
+#: the built-in models by name (case, ``-`` and ``_`` ignored on lookup)
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", normalize=_canonical)
+MODELS.add("lenet300100", LeNet300100, "LeNet-300-100: MLP with hidden layers of 300 and 100 (LeCun et al. 1998)")
+MODELS.add("lenet5", LeNet5, "LeNet-5: two 5x5 convolutions with pooling, three fully connected layers")
+MODELS.add("vgg_small", vgg_small, "a small VGG (32, M, 64, M, 128, 128, M, 256), about 0.54M parameters")
+MODELS.add("vgg11", vgg11, "VGG-11 (configuration A) for 32x32 images, global-average-pool linear head")
+MODELS.add("resnet8", resnet8, "CIFAR-style ResNet-8, one basic block per stage (He et al. 2016)")
+MODELS.add("resnet20", resnet20, "CIFAR-style ResNet-20, three basic blocks per stage (He et al. 2016)")
+MODELS.add("tiny_mlp", TinyMLP, "a two-layer MLP for fast tests")
 
 
 def get_model(name: str, **kwargs: object) -> nn.Module:
@@ -56,10 +57,4 @@ def get_model(name: str, **kwargs: object) -> nn.Module:
     Raises:
         ValueError: for an unknown name; the message suggests the closest known name.
     """
-    by_canonical = {_canonical(key): key for key in MODELS}
-    key = by_canonical.get(_canonical(name))
-    if key is None:
-        close = difflib.get_close_matches(_canonical(name), list(by_canonical), n=1, cutoff=0.5)
-        hint = f" Did you mean {by_canonical[close[0]]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(MODELS)}.")
-    return MODELS[key](**kwargs)
+    return MODELS.get(name)(**kwargs)

@@ -212,16 +212,7 @@ class ScoringContext:
         return self._taylor
 
 
-def _register(name: str, summary: str):
-    def add(cls):
-        cls.name = name
-        GROUP_CRITERIA.add(name, cls, summary)
-        return cls
-
-    return add
-
-
-@_register("l1", "sum of |w| over every parameter slice of the channel (filter, bias, norm, next layers' inputs)")
+@GROUP_CRITERIA.register("l1", "sum of |w| over every parameter slice of the channel (filter, bias, norm, next layers' inputs)")
 class L1(GroupCriterion):
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         total = torch.zeros(group.size)
@@ -230,7 +221,7 @@ class L1(GroupCriterion):
         return total
 
 
-@_register("l2", "sqrt of the sum of w^2 over every parameter slice of the channel")
+@GROUP_CRITERIA.register("l2", "sqrt of the sum of w^2 over every parameter slice of the channel")
 class L2(GroupCriterion):
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         total = torch.zeros(group.size)
@@ -239,7 +230,7 @@ class L2(GroupCriterion):
         return total.sqrt()
 
 
-@_register("bn_scale", "|gamma| of the channel's normalisation layers (Network Slimming, Liu et al. 2017)")
+@GROUP_CRITERIA.register("bn_scale", "|gamma| of the channel's normalisation layers (Network Slimming, Liu et al. 2017)")
 class BNScale(GroupCriterion):
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         modules = dict(context.graph.model.named_modules())
@@ -255,7 +246,7 @@ class BNScale(GroupCriterion):
         return total
 
 
-@_register("taylor", "(sum of w*dL/dw over the channel's slices)^2, mean over batches (Molchanov et al. 2019)")
+@GROUP_CRITERIA.register("taylor", "(sum of w*dL/dw over the channel's slices)^2, mean over batches (Molchanov et al. 2019)")
 class GroupTaylor(GroupCriterion):
     needs = "gradients"
 
@@ -263,7 +254,7 @@ class GroupTaylor(GroupCriterion):
         return context.taylor()[group.index]
 
 
-@_register("apoz", "1 - average percentage of zeros of the channel's activations (Hu et al. 2016)")
+@GROUP_CRITERIA.register("apoz", "1 - average percentage of zeros of the channel's activations (Hu et al. 2016)")
 class APoZ(GroupCriterion):
     needs = "activations"
 
@@ -272,7 +263,7 @@ class APoZ(GroupCriterion):
         return 1.0 - torch.stack(per_tap).mean(0)
 
 
-@_register("activation", "mean |activation| of the channel where the next layers read it")
+@GROUP_CRITERIA.register("activation", "mean |activation| of the channel where the next layers read it")
 class MeanActivation(GroupCriterion):
     needs = "activations"
 
@@ -291,7 +282,7 @@ def histogram_entropy(samples: Tensor, bins: int = _ENTROPY_BINS) -> Tensor:
     return torch.where(high > low, ent, torch.zeros_like(ent))
 
 
-@_register("entropy", "entropy of the channel's pooled activations over samples, 10 bins (Luo & Wu 2017)")
+@GROUP_CRITERIA.register("entropy", "entropy of the channel's pooled activations over samples, 10 bins (Luo & Wu 2017)")
 class Entropy(GroupCriterion):
     needs = "samples"
 
@@ -311,7 +302,7 @@ def fisher_ratio(samples: Tensor, labels: Tensor) -> Tensor:
     return between / within.clamp_min(1e-12)
 
 
-@_register("lda", "between-class / within-class variance of the channel's activations (labelled data)")
+@GROUP_CRITERIA.register("lda", "between-class / within-class variance of the channel's activations (labelled data)")
 class LDA(GroupCriterion):
     needs = "labels"
 
@@ -345,7 +336,7 @@ def ranked_redundancy(vectors: Tensor, rank: Tensor) -> Tensor:
     return torch.where(dead, torch.zeros_like(best), 1.0 - best)
 
 
-@_register("similarity", "1 - max cosine similarity of the channel's filter to a filter of larger norm; zero filters 0")
+@GROUP_CRITERIA.register("similarity", "1 - max cosine similarity of the channel's filter to a filter of larger norm; zero filters 0")
 class FilterSimilarity(GroupCriterion):
     """Filter redundancy (the seeds' cosine distance): a channel whose filter points where a stronger filter
     points adds little; a zero filter adds nothing. Of two copies, the weaker (or the later) goes."""
@@ -368,7 +359,7 @@ class FilterSimilarity(GroupCriterion):
         return ranked_redundancy(vectors, vectors.norm(dim=1))
 
 
-@_register("correlation", "1 - max positive correlation of the channel's activations with a more active channel")
+@GROUP_CRITERIA.register("correlation", "1 - max positive correlation of the channel's activations with a more active channel")
 class ActivationCorrelation(GroupCriterion):
     """Activation redundancy (the seeds' correlation matrix): strongly *positively* correlated channels are
     redundant, so the less active one scores low; negatively correlated channels carry complementary
@@ -384,7 +375,7 @@ class ActivationCorrelation(GroupCriterion):
         return torch.stack(scores).mean(0)
 
 
-@_register("random", "uniform random scores, seeded: the baseline")
+@GROUP_CRITERIA.register("random", "uniform random scores, seeded: the baseline")
 class RandomScores(GroupCriterion):
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         generator = torch.Generator().manual_seed(context.seed * 1_000_003 + group.index)

@@ -11,7 +11,8 @@ import yaml
 
 import prunekit as pk
 from prunekit.models import LeNet300100
-from prunekit.recipes import RecipeError, build_model, load_recipe, parse_recipe, prepare, run_recipe
+from prunekit.recipe_run import run_recipe
+from prunekit.recipes import RecipeError, build_model, load_recipe, parse_recipe, prepare
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Tables, plots and the self-contained HTML report."""
+"""Tables, plots and the self-contained HTML page (prunekit.render, prunekit.plots)."""
 
 import base64
 import io
@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from prunekit import report
+from prunekit import plots, render
 
 torch.set_num_threads(1)
 
@@ -39,30 +39,30 @@ ROWS = [
 
 
 def test_formatters():
-    assert report.percent(0.9123) == "91.2%"
-    assert report.percent(0.9, 0) == "90%"
-    assert report.percent(None) == "-"
-    assert report.times(9.32) == "9.3×"
-    assert report.times(float("inf")) == "∞"
-    assert report.seconds(0.000231) == "231 µs"
-    assert report.seconds(0.0123) == "12.3 ms"
-    assert report.seconds(2.5) == "2.5 s"
+    assert render.percent(0.9123) == "91.2%"
+    assert render.percent(0.9, 0) == "90%"
+    assert render.percent(None) == "-"
+    assert render.times(9.32) == "9.3×"
+    assert render.times(float("inf")) == "∞"
+    assert render.seconds(0.000231) == "231 µs"
+    assert render.seconds(0.0123) == "12.3 ms"
+    assert render.seconds(2.5) == "2.5 s"
 
 
 def test_column_alignment_follows_the_values():
     rows = [{"name": "a", "value": 1.5, "flag": True}, {"name": "b", "value": 2, "flag": False}]
-    assert report.Column("value").alignment(rows) == "right"
-    assert report.Column("name").alignment(rows) == "left"
-    assert report.Column("flag").alignment(rows) == "left"  # booleans are not numbers
-    assert report.Column("name", align="right").alignment(rows) == "right"
-    assert report.Column("flag").cell(rows[0]) == "yes"
-    assert report.Column("missing").cell(rows[0]) == "-"
+    assert render.Column("value").alignment(rows) == "right"
+    assert render.Column("name").alignment(rows) == "left"
+    assert render.Column("flag").alignment(rows) == "left"  # booleans are not numbers
+    assert render.Column("name", align="right").alignment(rows) == "right"
+    assert render.Column("flag").cell(rows[0]) == "yes"
+    assert render.Column("missing").cell(rows[0]) == "-"
 
 
 def test_print_table_formats_and_right_aligns_numbers():
     out = io.StringIO()
-    columns = [report.Column("method"), report.Column("accuracy", format=report.percent)]
-    report.print_table(ROWS[:2], columns, title="results", console=Console(file=out, width=60))
+    columns = [render.Column("method"), render.Column("accuracy", format=render.percent)]
+    render.print_table(ROWS[:2], columns, title="results", console=Console(file=out, width=60))
     lines = out.getvalue().splitlines()
     text = "\n".join(lines)
     assert "results" in text and "method" in text and "accuracy" in text
@@ -77,7 +77,7 @@ def test_print_table_formats_and_right_aligns_numbers():
 def test_print_table_never_crops_columns_in_a_file():
     out = io.StringIO()
     rows = [{"a": "x" * 50, "b": "y" * 50, "c": 1.0}]
-    report.print_table(rows, ["a", "b", "c"], console=Console(file=out, width=80))
+    render.print_table(rows, ["a", "b", "c"], console=Console(file=out, width=80))
     text = out.getvalue()
     assert "x" * 50 in text and "y" * 50 in text
     assert re.search(r"y{50}\s+1\b", text)
@@ -89,7 +89,7 @@ def test_print_table_never_crops_columns_in_a_file():
 def test_accuracy_plot_is_a_png(tmp_path):
     import matplotlib.image
 
-    path = report.plot_accuracy_vs_sparsity(ROWS, tmp_path / "acc.png", dense_accuracy=0.97)
+    path = plots.plot_accuracy_vs_sparsity(ROWS, tmp_path / "acc.png", dense_accuracy=0.97)
     width, height = png_size(path)
     assert width > 400 and height > 300
     image = matplotlib.image.imread(path)
@@ -99,14 +99,14 @@ def test_accuracy_plot_is_a_png(tmp_path):
 
 def test_accuracy_plot_accepts_zero_sparsity(tmp_path):
     rows = [dict(r, sparsity=0.0) for r in ROWS[:1]] + ROWS[1:2]
-    path = report.plot_accuracy_vs_sparsity(rows, tmp_path / "acc0.png")  # no logit axis with 0
+    path = plots.plot_accuracy_vs_sparsity(rows, tmp_path / "acc0.png")  # no logit axis with 0
     assert png_size(path)[0] > 0
 
 
 def test_layer_plot_grows_with_the_number_of_layers(tmp_path):
-    small = report.plot_layer_sparsity({"fc1.weight": 0.8, "fc2.weight": 0.95}, tmp_path / "a.png")
+    small = plots.plot_layer_sparsity({"fc1.weight": 0.8, "fc2.weight": 0.95}, tmp_path / "a.png")
     many = {f"layer{i}.weight": i / 20 for i in range(12)}
-    large = report.plot_layer_sparsity(many, tmp_path / "b.png")
+    large = plots.plot_layer_sparsity(many, tmp_path / "b.png")
     assert png_size(large)[1] > png_size(small)[1]
 
 
@@ -114,7 +114,7 @@ def test_missing_matplotlib_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r'pip install "prunekit\[demo\]"'):
-        report.require_matplotlib()
+        plots.require_matplotlib()
 
 
 # --- HTML -------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_missing_matplotlib_says_what_to_install(monkeypatch):
 
 def test_table_html_escapes_aligns_and_highlights():
     rows = [{"name": "<b>fc1</b>", "value": 0.5}, {"name": "fc2", "value": 0.25}]
-    html = report.table_html(rows, [report.Column("name"), report.Column("value", format=report.percent)],
+    html = render.table_html(rows, [render.Column("name"), render.Column("value", format=render.percent)],
                              highlight=lambda r: r["name"] == "fc2")
     assert "&lt;b&gt;fc1&lt;/b&gt;" in html and "<b>fc1" not in html
     assert '<td class="right">50.0%</td>' in html
@@ -130,21 +130,21 @@ def test_table_html_escapes_aligns_and_highlights():
 
 
 def test_image_html_embeds_the_png(tmp_path):
-    path = report.plot_layer_sparsity({"fc1.weight": 0.5}, tmp_path / "l.png")
-    tag = report.image_html(path, alt="bars")
+    path = plots.plot_layer_sparsity({"fc1.weight": 0.5}, tmp_path / "l.png")
+    tag = render.image_html(path, alt="bars")
     encoded = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', tag).group(1)
     assert base64.b64decode(encoded) == path.read_bytes()
 
 
 def test_write_html_is_self_contained(tmp_path):
-    png = report.plot_accuracy_vs_sparsity(ROWS, tmp_path / "acc.png", dense_accuracy=0.97)
+    png = plots.plot_accuracy_vs_sparsity(ROWS, tmp_path / "acc.png", dense_accuracy=0.97)
     sections = [
-        report.Section("Headline", report.headline_html([("dense", "97.0%", "baseline"), report.Card("best", "93.0%")])),
-        report.Section("Plot", report.image_html(png), note="a note"),
-        report.Section("Results", report.table_html(ROWS, ["method", "sparsity", "accuracy"])),
-        report.Section("Settings", report.settings_html({"seed": 0, "methods": ["magnitude", "random"]})),
+        render.Section("Headline", render.headline_html([("dense", "97.0%", "baseline"), render.Card("best", "93.0%")])),
+        render.Section("Plot", render.image_html(png), note="a note"),
+        render.Section("Results", render.table_html(ROWS, ["method", "sparsity", "accuracy"])),
+        render.Section("Settings", render.settings_html({"seed": 0, "methods": ["magnitude", "random"]})),
     ]
-    path = report.write_html(tmp_path / "r.html", "Title <&>", sections, subtitle="sub")
+    path = render.write_html(tmp_path / "r.html", "Title <&>", sections, subtitle="sub")
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
     assert "<title>Title &lt;&amp;&gt;</title>" in text

@@ -14,13 +14,12 @@ from .metrics import summary
 from .pruner import Pruner
 from .pruning import PruneReport, prune
 from .serialization import load, save
-from . import export, report, sensitivity_analysis  # noqa: F401,E402  (light: torch only; onnx/matplotlib lazily)
+from . import export, sensitivity_analysis  # noqa: F401,E402  (light: torch only; onnx/matplotlib lazily)
+from ._version import __version__
 from .sensitivity_analysis import SensitivityResult, sensitivity
 
-__version__ = "0.1.0"
-
-# Submodules loaded on first access (``pk.llm``), so ``import prunekit`` stays light.
-_LAZY_SUBMODULES = ("llm", "structured", "training", "regularizers", "distributed")
+# Submodules loaded on first access (``pk.llm``, ``pk.report``), so ``import prunekit`` stays light.
+_LAZY_SUBMODULES = ("llm", "structured", "training", "regularizers", "distributed", "report")
 
 
 def __getattr__(name: str):

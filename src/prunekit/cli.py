@@ -17,6 +17,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import demo, metrics, recipe_run, recipes, report
+from ._version import __version__
+from .criteria import CRITERIA
+from .granularity import GRANULARITIES
+from .render import Column, percent, print_table, seconds, times
+from .schedules import SCHEDULES
+from .scope import SCOPES
+
 __all__ = ["main", "build_parser"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError)  # RecipeError is a ValueError
@@ -32,10 +40,8 @@ def _console(stderr: bool = False) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo
-
     console = _console()
-    results = demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, console=console,
+    results = demo.demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, console=console,
                    threads=args.threads)
     console.print(f"took {results['wall_time_s']:.1f} s; wrote " + "\n      ".join(results["files"].values()),
                   soft_wrap=True)
@@ -43,12 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .criteria import CRITERIA
-    from .granularity import GRANULARITIES
-    from .llm.methods import LLM_METHODS
-    from .report import Column, print_table
-    from .schedules import SCHEDULES
-    from .scope import SCOPES
+    from .llm.methods import LLM_METHODS  # the lazy subpackages load only for this listing
     from .structured.criteria import GROUP_CRITERIA as STRUCTURED_METHODS
 
     console = _console()
@@ -71,11 +72,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .recipes import run_recipe
-    from .report import Column, percent, print_table, seconds, times
-
     console = _console()
-    results = run_recipe(args.recipe, out_dir=args.out, console=_console(stderr=True))
+    results = recipe_run.run_recipe(args.recipe, out_dir=args.out, console=_console(stderr=True))
     before, after = results["before"], results["after"]
     rows = [
         {"": "accuracy", "before": percent(before["accuracy"]), "after": percent(after["accuracy"])},
@@ -92,19 +90,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from . import metrics
-    from .recipes import build_model_and_data, load_recipe
-
-    model, _, _, example = build_model_and_data(load_recipe(args.recipe))
+    model, _, _, example = recipes.build_model_and_data(recipes.load_recipe(args.recipe))
     metrics.summary(model, example)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
-
     console = _console()
-    files = build_report(args.out, args.results, recipe=args.recipe, weights=args.weights,
+    files = report.build_report(args.out, args.results, recipe=args.recipe, weights=args.weights,
                          sensitivity=args.sensitivity, sweep=args.sweep, sparsities=args.sparsities,
                          target=args.target, speed=not args.no_speed, threads=args.threads, title=args.title,
                          progress=not args.no_progress, console=_console(stderr=True))
@@ -116,8 +109,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="prunekit",
         description="Pruning for PyTorch: compare methods, run YAML recipes, inspect models.",
@@ -126,49 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = sub.add_parser(
+    demo_cmd = sub.add_parser(
         "demo",
         help="compare pruning methods on LeNet-300-100 / digits (under a minute)",
         description="Train LeNet-300-100 on digits, prune it at 50-98%% sparsity with magnitude (global and "
         "local), random and Taylor, with and without fine-tuning; print a table and write results.json, "
         "plots and report.html.",
     )
-    demo.add_argument("--out", default="prunekit-demo", metavar="DIR", help="output folder (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="a reduced grid that runs in a few seconds")
-    demo.add_argument("--seed", type=int, default=0, metavar="N", help="seed of training and pruning (default: 0)")
-    demo.add_argument("--threads", type=int, default=1, metavar="N",
+    demo_cmd.add_argument("--out", default="prunekit-demo", metavar="DIR", help="output folder (default: %(default)s)")
+    demo_cmd.add_argument("--quick", action="store_true", help="a reduced grid that runs in a few seconds")
+    demo_cmd.add_argument("--seed", type=int, default=0, metavar="N", help="seed of training and pruning (default: 0)")
+    demo_cmd.add_argument("--threads", type=int, default=1, metavar="N",
                       help="torch CPU threads (default: 1, fastest for this small model)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(func=cmd_demo)
+    demo_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo_cmd.set_defaults(func=cmd_demo)
 
-    methods = sub.add_parser(
+    methods_cmd = sub.add_parser(
         "methods",
         help="list every method, granularity, scope and schedule",
         description="List every registered pruning method, granularity, scope and schedule, one line each.",
     )
-    methods.set_defaults(func=cmd_methods)
+    methods_cmd.set_defaults(func=cmd_methods)
 
-    prune = sub.add_parser(
+    prune_cmd = sub.add_parser(
         "prune",
         help="run a YAML recipe",
         description="Validate and run a YAML recipe (model, data, prune, schedule, finetune, output); writes "
         "model.safetensors, results.json and report.html. The schema is documented in prunekit.recipes "
         "and in examples/lenet_digits.yaml.",
     )
-    prune.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
-    prune.add_argument("--out", metavar="DIR", help="output folder (default: the recipe's output.dir)")
-    prune.set_defaults(func=cmd_prune)
+    prune_cmd.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
+    prune_cmd.add_argument("--out", metavar="DIR", help="output folder (default: the recipe's output.dir)")
+    prune_cmd.set_defaults(func=cmd_prune)
 
-    summary = sub.add_parser(
+    summary_cmd = sub.add_parser(
         "summary",
         help="layers, parameters and FLOPs of a recipe's model",
         description="Build a recipe's model (with its weights, if given) and print its layers, parameters, "
         "sparsity and FLOPs for one example input of the recipe's data.",
     )
-    summary.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
-    summary.set_defaults(func=cmd_summary)
+    summary_cmd.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file")
+    summary_cmd.set_defaults(func=cmd_summary)
 
-    report = sub.add_parser(
+    report_cmd = sub.add_parser(
         "report",
         help="an HTML report with plots from results files and/or a recipe's model",
         description="Write report.html (plots embedded) and PNGs: accuracy against sparsity, sparsity per "
@@ -177,21 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
         "recipe's model (--recipe, with --weights), measured here: speed and size (sparse file, sparse kernels), "
         "and on request a sensitivity analysis and an accuracy sweep on the recipe's test data.",
     )
-    report.add_argument("results", nargs="*", metavar="RESULTS.json", help="results files to include")
-    report.add_argument("--recipe", metavar="RECIPE.yaml", help="build the recipe's model and data")
-    report.add_argument("--weights", metavar="FILE", help="weights for the recipe's model (written by prunekit.save)")
-    report.add_argument("--sensitivity", action="store_true", help="run a sensitivity analysis (test accuracy)")
-    report.add_argument("--sweep", action="store_true", help="accuracy against sparsity (global/local magnitude)")
-    report.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95], metavar="S",
+    report_cmd.add_argument("results", nargs="*", metavar="RESULTS.json", help="results files to include")
+    report_cmd.add_argument("--recipe", metavar="RECIPE.yaml", help="build the recipe's model and data")
+    report_cmd.add_argument("--weights", metavar="FILE", help="weights for the recipe's model (written by prunekit.save)")
+    report_cmd.add_argument("--sensitivity", action="store_true", help="run a sensitivity analysis (test accuracy)")
+    report_cmd.add_argument("--sweep", action="store_true", help="accuracy against sparsity (global/local magnitude)")
+    report_cmd.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95], metavar="S",
                         help="the sparsity grid of --sensitivity and --sweep (default: %(default)s)")
-    report.add_argument("--target", type=float, default=0.9, metavar="S",
+    report_cmd.add_argument("--target", type=float, default=0.9, metavar="S",
                         help="global sparsity of the sensitivity allocation shown per layer (default: %(default)s)")
-    report.add_argument("--no-speed", action="store_true", help="do not measure speed and size")
-    report.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads (default: 1)")
-    report.add_argument("--title", help="the report's title")
-    report.add_argument("--out", default="prunekit-report", metavar="DIR", help="output folder (default: %(default)s)")
-    report.add_argument("--no-progress", action="store_true", help="no progress bar")
-    report.set_defaults(func=cmd_report)
+    report_cmd.add_argument("--no-speed", action="store_true", help="do not measure speed and size")
+    report_cmd.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads (default: 1)")
+    report_cmd.add_argument("--title", help="the report's title")
+    report_cmd.add_argument("--out", default="prunekit-report", metavar="DIR", help="output folder (default: %(default)s)")
+    report_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report_cmd.set_defaults(func=cmd_report)
 
     from .llm.cli import add_parser as add_llm_parser  # `prunekit llm MODEL_DIR ...` (transformers loads lazily)
 

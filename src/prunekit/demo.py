@@ -25,11 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, masking, metrics, report
+from . import masking, metrics
+from ._version import __version__
 from .criteria import get_criterion
+from .data import digits, evaluate, loaders, train
+from .models import LeNet300100
+from .plots import require_matplotlib
 from .pruning import prune
+from .render import Card, Column, Parts, Section, percent, print_table, seconds, table_html, times, write_json, write_page
 
-__all__ = ["DemoConfig", "run_demo", "write_outputs", "print_results", "demo", "RESULT_COLUMNS"]
+__all__ = ["DemoConfig", "run_demo", "write_outputs", "print_results", "demo", "report_parts", "RESULT_COLUMNS",
+           "KIND"]
+
+#: the ``kind`` of the demo's ``results.json`` (how ``prunekit report`` recognises it)
+KIND = "prunekit.demo"
 
 
 @dataclass(frozen=True)
@@ -64,14 +73,14 @@ class DemoConfig:
 
 #: the columns of the results table, in the terminal and in the HTML report
 RESULT_COLUMNS = [
-    report.Column("method"),
-    report.Column("scope"),
-    report.Column("sparsity", format=lambda v: report.percent(v, 0)),
-    report.Column("finetuned", "fine-tuned"),
-    report.Column("accuracy", format=report.percent),
-    report.Column("compression_ratio", "compression", format=report.times),
-    report.Column("theoretical_speedup", "speedup", format=report.times),
-    report.Column("latency_s", "latency", format=report.seconds),
+    Column("method"),
+    Column("scope"),
+    Column("sparsity", format=lambda v: percent(v, 0)),
+    Column("finetuned", "fine-tuned"),
+    Column("accuracy", format=percent),
+    Column("compression_ratio", "compression", format=times),
+    Column("theoretical_speedup", "speedup", format=times),
+    Column("latency_s", "latency", format=seconds),
 ]
 
 
@@ -80,8 +89,6 @@ _MEASURED = ("compression_ratio", "theoretical_speedup", "latency_s")
 
 def _measure(model: nn.Module, test_loader, example: torch.Tensor, repeats: int) -> dict[str, Any]:
     """Accuracy, compression, theoretical speedup and latency (of the finalized model) of ``model``."""
-    from .data import evaluate
-
     found = metrics.report_metrics(model, example, warmup=2, repeats=repeats)
     return {"accuracy": evaluate(model, test_loader), **{k: found[k] for k in _MEASURED}}
 
@@ -91,16 +98,14 @@ def run_demo(
     progress: bool = True,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Run the experiment and return ``{"settings", "dense", "rows", "wall_time_s"}`` (nothing is written).
+    """Run the experiment and return ``{"kind", "settings", "dense", "rows", "wall_time_s"}`` (nothing is
+    written; ``kind`` is :data:`KIND`).
 
     Each row: ``method``, ``scope``, ``sparsity`` (target), ``finetuned``, ``accuracy``,
     ``compression_ratio``, ``theoretical_speedup``, ``latency_s``, ``achieved_sparsity`` and
     ``per_layer`` (the pruned fraction of each weight).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .data import digits, loaders, train
-    from .models import LeNet300100
 
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -139,6 +144,7 @@ def run_demo(
                     bar.advance(task)
             bar.update(task, description="done")
         return {
+            "kind": KIND,
             "settings": {
                 **asdict(config),
                 "model": "LeNet-300-100 (64-300-100-10)",
@@ -167,8 +173,6 @@ def _one_run(
     example: torch.Tensor,
 ) -> list[dict[str, Any]]:
     """Prune a copy of ``dense``; measure it, fine-tune it, measure it again. Two rows."""
-    from .data import train
-
     model = copy.deepcopy(dense)
     train_loader, test_loader = fresh_loaders()
     calibration = {"data": train_loader, "max_batches": config.calibration_batches}
@@ -210,76 +214,50 @@ def _label(row: dict) -> str:
     return f"{row['method']} {row['scope']}, {'fine-tuned' if row['finetuned'] else 'no fine-tuning'}"
 
 
+def report_parts(results: dict[str, Any]) -> Parts:
+    """The demo's part of a report: headline numbers, the accuracy rows, the results table, the per-layer
+    sparsity of the best run, and the settings."""
+    rows, dense = results["rows"], results["dense"]
+    best = best_row(rows)
+    cards = [
+        Card("dense accuracy", percent(dense["accuracy"]), f"{dense['params']:,} parameters"),
+        Card(f"best at {best['sparsity']:.0%} sparsity", percent(best["accuracy"]), _label(best)),
+        Card("compression", times(best["compression_ratio"]), "all parameters / non-zero ones"),
+        Card("theoretical speedup", times(best["theoretical_speedup"]), "dense FLOPs / remaining FLOPs"),
+    ]
+    within = sparsest_within(rows, dense["accuracy"])
+    if within is not None:
+        cards.append(Card("sparsest within 1 point", percent(within["sparsity"], 0), _label(within)))
+    settings = dict(results["settings"])
+    if "wall_time_s" in results:
+        settings["wall time"] = f"{results['wall_time_s']:.1f} s"
+    table = Section(
+        "Results",
+        table_html(rows, RESULT_COLUMNS, highlight=lambda r: r is best),
+        note="Compression counts every parameter (biases too). Speedup is the FLOP ratio at batch 1; "
+        "latency is measured on the finalized model, whose zeros are stored in dense tensors, so "
+        "unstructured sparsity does not make it faster (that needs sparse kernels or structured pruning).",
+    )
+    return Parts(cards=cards, sections=[table], settings=settings, accuracy_rows=rows,
+                 dense_accuracy=dense["accuracy"], per_layer=best["per_layer"], label="demo",
+                 accuracy_title="LeNet-300-100 on digits: accuracy vs sparsity",
+                 layer_title=f"Sparsity per layer: {_label(best)} at {best['sparsity']:.0%}")
+
+
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``results.json``, the two plots and ``report.html`` into ``out_dir`` (created if needed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, dense = results["rows"], results["dense"]
-    paths = {
-        "results": out / "results.json",
-        "accuracy_plot": out / "accuracy_vs_sparsity.png",
-        "layer_plot": out / "layer_sparsity.png",
-        "report": out / "report.html",
-    }
-    report.write_json(paths["results"], results)
-    report.plot_accuracy_vs_sparsity(
-        rows, paths["accuracy_plot"], dense["accuracy"], title="LeNet-300-100 on digits: accuracy vs sparsity"
-    )
-    best = best_row(rows)
-    report.plot_layer_sparsity(
-        best["per_layer"], paths["layer_plot"], title=f"Sparsity per layer: {_label(best)} at {best['sparsity']:.0%}"
-    )
-    _write_report(results, paths)
-    return paths
-
-
-def _write_report(results: dict[str, Any], paths: dict[str, Path]) -> None:
-    rows, dense = results["rows"], results["dense"]
-    best = best_row(rows)
-    cards = [
-        report.Card("dense accuracy", report.percent(dense["accuracy"]), f"{dense['params']:,} parameters"),
-        report.Card(f"best at {best['sparsity']:.0%} sparsity", report.percent(best["accuracy"]), _label(best)),
-        report.Card("compression", report.times(best["compression_ratio"]), "all parameters / non-zero ones"),
-        report.Card("theoretical speedup", report.times(best["theoretical_speedup"]), "dense FLOPs / remaining FLOPs"),
-    ]
-    within = sparsest_within(rows, dense["accuracy"])
-    if within is not None:
-        cards.append(report.Card("sparsest within 1 point", report.percent(within["sparsity"], 0), _label(within)))
-    settings = dict(results["settings"])
-    settings["wall time"] = f"{results['wall_time_s']:.1f} s"
-    sections = [
-        report.Section("Headline", report.headline_html(cards)),
-        report.Section(
-            "Accuracy vs sparsity",
-            report.image_html(paths["accuracy_plot"], "accuracy against sparsity, one line per method"),
-            note="Solid lines: after fine-tuning (the masks keep pruned weights at zero); dashed: right after "
-            "pruning. The dotted line is the dense model.",
-        ),
-        report.Section(
-            "Results",
-            report.table_html(rows, RESULT_COLUMNS, highlight=lambda r: r is best),
-            note="Compression counts every parameter (biases too). Speedup is the FLOP ratio at batch 1; "
-            "latency is measured on the finalized model, whose zeros are stored in dense tensors, so "
-            "unstructured sparsity does not make it faster (that needs sparse kernels or structured pruning).",
-        ),
-        report.Section(
-            f"Sparsity per layer: {_label(best)} at {best['sparsity']:.0%}",
-            report.image_html(paths["layer_plot"], "pruned fraction of each layer"),
-        ),
-        report.Section("Settings", report.settings_html(settings)),
-    ]
-    report.write_html(
-        paths["report"],
-        "prunekit demo: LeNet-300-100 on digits",
-        sections,
-        subtitle=f"{len(rows)} runs, dense accuracy {report.percent(dense['accuracy'])}",
-    )
+    files = {"results": write_json(out / "results.json", results)}
+    files.update(write_page(out, "prunekit demo: LeNet-300-100 on digits", report_parts(results),
+                            subtitle=f"{len(results['rows'])} runs, dense accuracy {percent(results['dense']['accuracy'])}"))
+    return files
 
 
 def print_results(results: dict[str, Any], console: Any = None) -> None:
     """The results table (dense baseline first) in the terminal."""
     dense = {"method": "dense", "scope": "-", "sparsity": 0.0, "finetuned": None, **results["dense"]}
-    report.print_table([dense, *results["rows"]], RESULT_COLUMNS, title="LeNet-300-100 on digits", console=console)
+    print_table([dense, *results["rows"]], RESULT_COLUMNS, title="LeNet-300-100 on digits", console=console)
 
 
 def demo(
@@ -292,7 +270,7 @@ def demo(
 ) -> dict[str, Any]:
     """What ``prunekit demo`` does: run, print the table, write the files. Returns the results, with
     ``"files"`` (the paths written) added."""
-    report.require_matplotlib()  # fail before training, not after
+    require_matplotlib()  # fail before training, not after
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():

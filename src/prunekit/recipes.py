@@ -70,7 +70,16 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from . import data
+from .criteria import CRITERIA
+from .granularity import NM, get_granularity
+from .models import MODELS, get_model
+from .plots import require_matplotlib
+from .pruning import PruningSpec, _check_cap
 from .registry import did_you_mean, unknown_name_message
+from .schedules import get_schedule
+from .scope import SCOPES, check_sparsity
+from .serialization import load
 
 __all__ = [
     "RecipeError",
@@ -81,7 +90,9 @@ __all__ = [
     "build_data",
     "build_model_and_data",
     "prepare",
-    "run_recipe",
+    "Prepared",
+    "final_sparsity",
+    "build_schedule",
     "DATASETS",
 ]
 
@@ -359,11 +370,6 @@ def _check_positive_int(value: int | None, path: str, minimum: int = 1) -> None:
 
 def _check_values(recipe: Recipe, raw: dict) -> None:
     """Value checks that need more than a type: ranges, registry names, files, cross-key rules."""
-    from .criteria import CRITERIA
-    from .granularity import NM, get_granularity
-    from .pruning import _check_cap
-    from .scope import SCOPES, check_sparsity
-
     model = recipe.model
     if (model.builtin is None) == (model.factory is None):
         raise _fail("model", "give exactly one of builtin (a prunekit.models name) or factory ('module:function')")
@@ -454,11 +460,11 @@ def _check_schedule(recipe: Recipe, raw: dict) -> None:
         raise _fail("schedule.steps", "the iterative schedule needs steps (how many prune events)")
     if name == "agp" and spec.end is None:
         raise _fail("schedule.end", "the agp schedule needs end (the epoch at which it reaches the final sparsity)")
-    final = _final_sparsity(recipe)
+    final = final_sparsity(recipe)
     if final is None:
         raise _fail("schedule", "a schedule needs prune.sparsity (its final sparsity)")
     try:
-        schedule = _schedule(recipe, final, steps_per_epoch=1)
+        schedule = build_schedule(recipe, final, steps_per_epoch=1)
     except (TypeError, ValueError) as error:
         raise _fail("schedule", str(error)) from None
     last = schedule.last_step
@@ -472,17 +478,14 @@ def _check_schedule(recipe: Recipe, raw: dict) -> None:
             )
 
 
-def _final_sparsity(recipe: Recipe) -> float | None:
-    from .granularity import NM, get_granularity
-
+def final_sparsity(recipe: Recipe) -> float | None:
+    """The sparsity the recipe ends at: ``prune.sparsity``, or the N:M pattern's."""
     granularity = get_granularity(recipe.prune.granularity)
     return granularity.sparsity if isinstance(granularity, NM) else recipe.prune.sparsity
 
 
-def _schedule(recipe: Recipe, final: float, steps_per_epoch: int):
+def build_schedule(recipe: Recipe, final: float, steps_per_epoch: int):
     """The recipe's schedule (given in epochs) in optimizer steps."""
-    from .schedules import get_schedule
-
     spec, k = recipe.schedule, steps_per_epoch
     name = spec.name.strip().lower()
     if name == "oneshot":
@@ -510,8 +513,6 @@ def _check_kwargs(function: Callable, kwargs: dict, path: str, what: str) -> Non
 
 
 def _data_function(name: str) -> Callable:
-    from . import data
-
     return getattr(data, name)
 
 
@@ -546,9 +547,6 @@ def _import_factory(recipe: Recipe) -> Callable[..., nn.Module]:
 
 def build_model(recipe: Recipe) -> nn.Module:
     """The recipe's model, seeded, with its weights loaded when given (validated; raises RecipeError)."""
-    from .models import MODELS, get_model
-    from .serialization import load
-
     torch.manual_seed(recipe.seed)
     if recipe.model.builtin is not None:
         path = "model.builtin"
@@ -621,194 +619,19 @@ def prepare(recipe: Recipe | str | Path, out_dir: str | Path | None = None) -> P
     """Validate a recipe completely: build its model (weights loaded) and data, check that they fit, and
     dry-run the pruning configuration on the model. ``out_dir`` overrides ``output.dir``. Nothing is
     written; raises RecipeError."""
-    from .pruning import PruningSpec
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.output.report:
-        from .report import require_matplotlib
-
-        require_matplotlib()
+        require_matplotlib()  # fail before the work, not after
     model, train_set, test_set, example = build_model_and_data(recipe)
     p = recipe.prune
     try:
         spec = PruningSpec(model, p.method, p.granularity, p.scope, p.targets, p.exclude, p.group_norm,
                            p.max_layer_sparsity, recipe.seed)
-        spec.check_sparsity(_final_sparsity(recipe))
+        spec.check_sparsity(final_sparsity(recipe))
     except (TypeError, ValueError) as error:
         raise _fail("prune", str(error)) from None
     out = Path(out_dir).expanduser() if out_dir is not None else recipe.output_dir
     if out.exists() and not out.is_dir():
         raise _fail("output.dir" if out_dir is None else "--out", f"{out} exists and is not a folder")
     return Prepared(recipe, model, train_set, test_set, example, out)
-
-
-# --- running ----------------------------------------------------------------------------------------
-
-
-def _optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    from .data import make_optimizer
-
-    return make_optimizer(model, spec.optimizer, spec.lr, spec.weight_decay)
-
-
-def _metrics(model: nn.Module, example: torch.Tensor, repeats: int) -> dict[str, Any]:
-    from . import metrics
-
-    return metrics.report_metrics(model, example, repeats=repeats)
-
-
-def run_recipe(
-    recipe: Recipe | str | Path,
-    out_dir: str | Path | None = None,
-    console: Any = None,
-    latency_repeats: int = 10,
-) -> dict[str, Any]:
-    """Validate, then run a recipe: train (optional), prune (one-shot or on the schedule), fine-tune
-    (optional), measure, and write ``model.safetensors``, ``results.json`` and ``report.html``.
-
-    ``out_dir`` overrides ``output.dir``. Returns the results (what ``results.json`` holds).
-    """
-    from rich.console import Console
-
-    start = time.perf_counter()
-    prepared = prepare(recipe, out_dir)  # every check happens here, before anything runs or is written
-    previous_threads = torch.get_num_threads()
-    if prepared.recipe.threads is not None:
-        torch.set_num_threads(prepared.recipe.threads)
-    try:
-        return _run(prepared, console or Console(stderr=True), latency_repeats, start)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _run(prepared: Prepared, console: Any, latency_repeats: int, start: float) -> dict[str, Any]:
-    from . import masking
-    from .criteria import get_criterion
-    from .data import evaluate, loaders, train
-    from .pruner import Pruner
-    from .pruning import prune
-    from .serialization import save
-
-    recipe, model, out = prepared.recipe, prepared.model, prepared.out_dir
-    say = console.print
-    p = recipe.prune
-
-    train_loader, test_loader = loaders(prepared.train_set, prepared.test_set, recipe.data.batch_size, seed=recipe.seed)
-    if recipe.train is not None and recipe.train.epochs > 0:
-        say(f"training for {recipe.train.epochs} epochs")
-        train(model, train_loader, epochs=recipe.train.epochs, optimizer=_optimizer(model, recipe.train))
-    before = {"accuracy": evaluate(model, test_loader), **_metrics(model, prepared.example, latency_repeats)}
-    say(f"before pruning: accuracy {before['accuracy']:.2%}")
-
-    criterion = get_criterion(p.method)
-    calibration = None
-    if criterion.needs_data:  # a fixed, seeded set of training batches
-        calibration = loaders(prepared.train_set, prepared.test_set, recipe.data.batch_size, seed=recipe.seed)[0]
-    common = dict(method=p.method, granularity=p.granularity, scope=p.scope, targets=p.targets,
-                  exclude=p.exclude, group_norm=p.group_norm, max_layer_sparsity=p.max_layer_sparsity,
-                  seed=recipe.seed, max_batches=p.calibration_batches)
-    final = _final_sparsity(recipe)
-    epochs = recipe.finetune.epochs if recipe.finetune is not None else 0
-    history: list[dict[str, Any]] = []
-    pruned_accuracy = None
-    schedule = _schedule(recipe, final, len(train_loader)) if recipe.schedule is not None else None
-    if schedule is None or schedule.prune_steps() == [0]:  # one-shot, before any fine-tuning
-        prune_report = prune(model, final, data=calibration, **common).to_dict()
-        pruned_accuracy = evaluate(model, test_loader)
-        say(f"pruned to {masking.sparsity(model):.1%}: accuracy {pruned_accuracy:.2%}")
-        if epochs:
-            optimizer = _optimizer(model, recipe.finetune)
-            for epoch in range(epochs):
-                train(model, train_loader, epochs=1, optimizer=optimizer)
-                history.append({"epoch": epoch + 1, "sparsity": masking.sparsity(model),
-                                "accuracy": evaluate(model, test_loader)})
-                say(f"fine-tuning epoch {epoch + 1}/{epochs}: accuracy {history[-1]['accuracy']:.2%}")
-    else:
-        pruner = Pruner(model, schedule, data=calibration, **common)
-        optimizer = _optimizer(model, recipe.finetune)
-        for epoch in range(epochs):
-            train(model, train_loader, epochs=1, optimizer=optimizer, callback=lambda _step: pruner.step())
-            history.append({"epoch": epoch + 1, "sparsity": masking.sparsity(model),
-                            "accuracy": evaluate(model, test_loader)})
-            say(f"epoch {epoch + 1}/{epochs}: sparsity {history[-1]['sparsity']:.1%}, "
-                f"accuracy {history[-1]['accuracy']:.2%}")
-        prune_report = pruner.history[-1].to_dict() if pruner.history else None
-
-    after = {"accuracy": evaluate(model, test_loader), "sparsity": masking.sparsity(model),
-             **_metrics(model, prepared.example, latency_repeats)}
-    per_layer = masking.sparsity(model, per_layer=True)
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"results": out / "results.json"}
-    if recipe.output.save:
-        files["model"] = save(model, out / "model.safetensors", metadata={"recipe": recipe.title})
-    results = {
-        "name": recipe.title,
-        "recipe": str(recipe.source) if recipe.source else None,
-        "before": before,
-        "pruned_accuracy": pruned_accuracy,
-        "after": after,
-        "per_layer": per_layer,
-        "history": history,
-        "prune_report": prune_report,
-        "settings": recipe.to_dict(),
-        "wall_time_s": time.perf_counter() - start,
-    }
-    if recipe.output.report:
-        files["layer_plot"] = out / "layer_sparsity.png"
-        files["report"] = out / "report.html"
-        _write_report(results, files)
-    results["files"] = {k: str(v) for k, v in files.items()}
-    from .report import write_json
-
-    write_json(files["results"], results)
-    return results
-
-
-def _write_report(results: dict[str, Any], files: dict[str, Path]) -> None:
-    from . import report
-
-    before, after = results["before"], results["after"]
-    report.plot_layer_sparsity(results["per_layer"], files["layer_plot"], title="Sparsity per layer")
-    cards = [
-        report.Card("accuracy before", report.percent(before["accuracy"]), f"{before['params_total']:,} parameters"),
-        report.Card("accuracy after", report.percent(after["accuracy"]),
-                    f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points"),
-        report.Card("sparsity", report.percent(after["sparsity"]), "of the pruned weights"),
-        report.Card("compression", report.times(after["compression_ratio"]), "all parameters / non-zero ones"),
-        report.Card("theoretical speedup", report.times(after["theoretical_speedup"]), "dense FLOPs / remaining FLOPs"),
-    ]
-    metric_rows = [
-        {"metric": label, "before": fmt(before[key]), "after": fmt(after[key])}
-        for label, key, fmt in [
-            ("accuracy", "accuracy", report.percent),
-            ("parameters", "params_total", lambda v: f"{v:,}"),
-            ("non-zero parameters", "params_nonzero", lambda v: f"{v:,}"),
-            ("compression", "compression_ratio", report.times),
-            ("FLOPs (batch 1)", "flops_dense", lambda v: f"{v:,}"),
-            ("FLOPs left", "flops_remaining", lambda v: f"{v:,}"),
-            ("theoretical speedup", "theoretical_speedup", report.times),
-            ("latency (batch 1)", "latency_s", report.seconds),
-            ("file size", "size_bytes", lambda v: f"{v / 1024:,.1f} KiB"),
-        ]
-    ]
-    columns = [report.Column("metric"), report.Column("before", align="right"), report.Column("after", align="right")]
-    sections = [
-        report.Section("Headline", report.headline_html(cards)),
-        report.Section("Before and after", report.table_html(metric_rows, columns),
-                       note="Latency: median forward time at batch 1 of the finalized model, whose zeros are "
-                       "stored in dense tensors, so unstructured sparsity does not make it faster."),
-        report.Section("Sparsity per layer", report.image_html(files["layer_plot"], "pruned fraction per layer")),
-    ]
-    if results["history"]:
-        sections.append(report.Section("Fine-tuning", report.table_html(results["history"], [
-            report.Column("epoch"),
-            report.Column("sparsity", format=report.percent),
-            report.Column("accuracy", format=report.percent),
-        ])))
-    settings = {k: v for k, v in results["settings"].items() if v is not None}
-    sections.append(report.Section("Recipe", report.settings_html(settings)))
-    report.write_html(files["report"], f"prunekit: {results['name']}", sections,
-                      subtitle=f"{results['settings']['prune']['method']} pruning, ran in {results['wall_time_s']:.1f} s")
-

@@ -41,9 +41,16 @@ from torch import nn
 
 from . import masking
 from .granularity import NM
+from .plots import plot_curves
+from .pruning import PruningSpec, prune
+from .render import Column, Parts, Section, count, image_html, percent, table_html, write_json
 from .scope import Scope, _local, check_sparsity
 
-__all__ = ["sensitivity", "SensitivityResult", "SensitivityScope", "allocate"]
+__all__ = ["sensitivity", "SensitivityResult", "SensitivityScope", "allocate", "plot_sensitivity", "report_parts",
+           "KIND"]
+
+#: the ``kind`` of a saved analysis (how ``prunekit report`` recognises it)
+KIND = "prunekit.sensitivity"
 
 
 @dataclass
@@ -86,7 +93,7 @@ class SensitivityResult:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "prunekit.sensitivity", "sparsities": self.sparsities, "curves": self.curves,
+        return {"kind": KIND, "sparsities": self.sparsities, "curves": self.curves,
                 "baseline": self.baseline, "sizes": self.sizes, "method": self.method,
                 "granularity": self.granularity, "higher_is_better": self.higher_is_better,
                 "metric": self.metric, "extra": self.extra}
@@ -110,8 +117,6 @@ class SensitivityResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the result as JSON (``prunekit report`` reads it)."""
-        from .report import write_json
-
         return write_json(path, self.to_dict())
 
     @classmethod
@@ -160,8 +165,6 @@ def sensitivity(
 
     Everything (names, method, granularity, targets, the grid) is checked before the first evaluation.
     """
-    from .pruning import PruningSpec, prune
-
     if not callable(evaluate):
         raise TypeError(f"evaluate must be a function model -> float, got {type(evaluate).__name__}")
     grid = _check_grid(sparsities)
@@ -314,3 +317,46 @@ class SensitivityScope(Scope):
             )
         plan = allocate(self.result, sparsity, self.max_loss)
         return _local(layers, [plan[layer.name] for layer in layers], cap)
+
+
+# --- its report ------------------------------------------------------------------------------------
+
+
+def as_result(result: SensitivityResult | Mapping[str, Any]) -> SensitivityResult:
+    """A :class:`SensitivityResult`, or one read from its dict (a loaded ``sensitivity.json``)."""
+    return result if isinstance(result, SensitivityResult) else SensitivityResult.from_dict(result)
+
+
+def _as_percent(result: SensitivityResult) -> bool:
+    values = [result.baseline, *(v for vs in result.curves.values() for v in vs)]
+    return result.metric == "accuracy" and all(0.0 <= v <= 1.0 for v in values)
+
+
+def plot_sensitivity(
+    result: SensitivityResult | Mapping[str, Any],
+    path: str | os.PathLike,
+    title: str = "Sensitivity: each layer pruned alone",
+) -> Path:
+    """The metric against sparsity with one layer at a time pruned (a :class:`SensitivityResult` or its
+    dict), one line per layer (its number of weights in the legend), the unpruned model dotted."""
+    result = as_result(result)
+    scale = 100.0 if _as_percent(result) else 1.0
+    ylabel = result.metric + (" (%)" if scale == 100.0 else "") + ("" if result.higher_is_better else ", lower is better")
+    curves = {f"{name} ({result.sizes.get(name, 0):,})": values for name, values in result.curves.items()}
+    return plot_curves(result.sparsities, curves, path, baseline=result.baseline, baseline_label="unpruned",
+                       xlabel="sparsity of the one pruned layer", ylabel=ylabel,
+                       title=f"{title} ({result.method}, {result.granularity})", scale=scale)
+
+
+def report_parts(result: SensitivityResult | Mapping[str, Any], out_dir: str | os.PathLike) -> Parts:
+    """The report's section of a sensitivity analysis: its curves (``sensitivity.png``, written into
+    ``out_dir``) and its table."""
+    result = as_result(result)
+    png = plot_sensitivity(result, Path(out_dir) / "sensitivity.png")
+    cols = [Column("layer"), Column("size", format=count)] + [
+        Column(f"{100 * s:g}%", format=percent) if _as_percent(result) else Column(f"{100 * s:g}%")
+        for s in result.sparsities]
+    section = Section("Sensitivity of each layer", image_html(png, "sensitivity curves") + table_html(result.rows(), cols),
+                      note=f"{result.metric} with one layer pruned alone ({result.method}); unpruned: "
+                           f"{result.baseline:.4g}. Flat curves can be pruned hard; steep ones are fragile.")
+    return Parts(sections=[section], files={"sensitivity_plot": png})

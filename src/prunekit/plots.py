@@ -1,0 +1,170 @@
+"""PNG plots of pruning results (matplotlib on the Agg backend, imported only when a plot is made).
+
+A leaf: it draws the numbers it is given and imports nothing from prunekit.
+
+* :func:`plot_accuracy_vs_sparsity`: accuracy against sparsity, one colour per series.
+* :func:`plot_layer_sparsity`: the pruned fraction of each layer, as horizontal bars.
+* :func:`plot_curves`: any metric against sparsity, one line per named curve (sensitivity analyses).
+
+``pip install "prunekit[demo]"`` provides matplotlib; :func:`require_matplotlib` says so when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["require_matplotlib", "plot_accuracy_vs_sparsity", "plot_layer_sparsity", "plot_curves", "COLORS"]
+
+#: the series colours of every prunekit plot, in order (the first, blue, is what the browser test looks for)
+COLORS = ["#1f77b4", "#d62728", "#7f7f7f", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+
+
+def require_matplotlib():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or an ImportError saying what to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(
+            f'plots need matplotlib ({error}); install it with: pip install "prunekit[demo]"'
+        ) from None
+    return plt
+
+
+def _legend_outside_and_save(fig, ax, handles, path: str | os.PathLike) -> None:
+    """The line plots' shared finish: light grid, legend to the right of the axes, PNG written."""
+    ax.grid(True, alpha=0.3)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _sparsity_axis(ax, xs: Sequence[float], label: str) -> None:
+    """A sparsity x axis: a logit scale when every value is in (0, 1) (it spreads out 90%, 95%, 98%),
+    a tick at each value."""
+    logit = len(xs) > 1 and all(0.0 < x < 1.0 for x in xs)
+    if logit:
+        ax.set_xscale("logit")
+        ax.minorticks_off()
+    ax.set_xticks(xs, [f"{100 * x:g}%" for x in xs])
+    ax.set_xlabel(label + (" (logit scale)" if logit else ""))
+
+
+def plot_accuracy_vs_sparsity(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    dense_accuracy: float | None = None,
+    title: str = "Accuracy vs sparsity",
+) -> Path:
+    """Accuracy against sparsity, one colour per ``label`` (default ``"method (scope)"``), a solid line
+    for fine-tuned rows and a dashed one for the others; the dense accuracy as a horizontal line.
+
+    Rows need ``sparsity``, ``accuracy``, ``finetuned`` and either ``label`` or ``method``/``scope``.
+    """
+    plt = require_matplotlib()
+    from matplotlib.lines import Line2D
+
+    series: dict[str, dict[bool, list[tuple[float, float]]]] = {}
+    for row in rows:
+        label = row.get("label") or f"{row['method']} ({row['scope']})"
+        series.setdefault(label, {}).setdefault(bool(row.get("finetuned")), []).append(
+            (float(row["sparsity"]), float(row["accuracy"]))
+        )
+    xs_all = sorted({x for by_ft in series.values() for pts in by_ft.values() for x, _ in pts})
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
+    try:
+        handles = []
+        for i, (label, by_ft) in enumerate(series.items()):
+            color = COLORS[i % len(COLORS)]
+            for finetuned, points in sorted(by_ft.items()):
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, [100 * y for y in ys], color=color, linestyle="-" if finetuned else "--",
+                        marker="o" if finetuned else "x", markersize=5)
+            handles.append(Line2D([], [], color=color, linewidth=3, label=label))
+        handles += [
+            Line2D([], [], color="black", linestyle="-", marker="o", label="fine-tuned"),
+            Line2D([], [], color="black", linestyle="--", marker="x", label="no fine-tuning"),
+        ]
+        if dense_accuracy is not None:
+            ax.axhline(100 * dense_accuracy, color="black", linewidth=1, linestyle=":")
+            handles.append(Line2D([], [], color="black", linestyle=":", label=f"dense ({100 * dense_accuracy:.1f}%)"))
+        _sparsity_axis(ax, xs_all, "sparsity (fraction of weights pruned)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.set_ylim(0, 100)
+        _legend_outside_and_save(fig, ax, handles, path)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_layer_sparsity(
+    per_layer: Mapping[str, float],
+    path: str | os.PathLike,
+    title: str = "Sparsity per layer",
+) -> Path:
+    """Horizontal bars: the fraction of each layer's weights that is pruned, first layer on top."""
+    plt = require_matplotlib()
+    names = list(per_layer)
+    values = [100 * float(per_layer[n]) for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.4), dpi=110)
+    try:
+        bars = ax.barh(range(len(names)), values, color=COLORS[0])
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("pruned (%)")
+        ax.set_title(title)
+        for bar, value in zip(bars, values):
+            inside = value > 85
+            ax.text(value - 1 if inside else value + 1, bar.get_y() + bar.get_height() / 2, f"{value:.1f}%",
+                    va="center", ha="right" if inside else "left", fontsize=8,
+                    color="white" if inside else "black")
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_curves(
+    xs: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    *,
+    baseline: float | None = None,
+    baseline_label: str = "unpruned",
+    xlabel: str = "sparsity",
+    ylabel: str = "",
+    title: str = "",
+    scale: float = 1.0,
+) -> Path:
+    """One line per named curve over the sparsities ``xs`` (values times ``scale``), the ``baseline``
+    dotted; the legend names each curve as given."""
+    plt = require_matplotlib()
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
+    try:
+        handles = []
+        for i, (name, values) in enumerate(curves.items()):
+            color = COLORS[i % len(COLORS)]
+            style = "-" if i < len(COLORS) else "--"
+            ax.plot(xs, [scale * v for v in values], color=color, linestyle=style, marker="o", markersize=4)
+            handles.append(Line2D([], [], color=color, linestyle=style, linewidth=2, label=name))
+        if baseline is not None:
+            ax.axhline(scale * baseline, color="black", linewidth=1, linestyle=":")
+            handles.append(Line2D([], [], color="black", linestyle=":", label=baseline_label))
+        _sparsity_axis(ax, list(xs), xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        _legend_outside_and_save(fig, ax, handles, path)
+    finally:
+        plt.close(fig)
+    return Path(path)

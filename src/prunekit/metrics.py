@@ -49,6 +49,7 @@ __all__ = [
     "file_size",
     "summary",
     "report_metrics",
+    "deployed",
     "format_count",
     "format_bytes",
 ]
@@ -412,7 +413,7 @@ def _print_summary(rows: list[dict], with_flops: bool) -> None:
 # --- everything at once --------------------------------------------------------------------------
 
 
-def _deployed(model: nn.Module) -> nn.Module:
+def deployed(model: nn.Module) -> nn.Module:
     """The model without mask machinery: a finalized copy when it has masks, else itself."""
     if not masking.masks(model):
         return model
@@ -446,7 +447,7 @@ def report_metrics(
         "flops_dense": dense,
         "flops_remaining": remaining,
         "theoretical_speedup": _ratio(dense, remaining),
-        "latency_s": latency(_deployed(model), example_inputs, warmup, repeats, threads) if measure_latency else None,
+        "latency_s": latency(deployed(model), example_inputs, warmup, repeats, threads) if measure_latency else None,
         "size_bytes": model_size(model),
         "size_sparse_bytes": model_size(model, sparse=True),
     }

@@ -74,6 +74,7 @@ from . import data
 from .criteria import CRITERIA
 from .granularity import NM, get_granularity
 from .models import MODELS, get_model
+from .modules import call_model, eval_mode
 from .plots import require_matplotlib
 from .pruning import PruningSpec, _check_cap
 from .registry import did_you_mean, unknown_name_message
@@ -591,15 +592,13 @@ def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, Any, Any, torch.Ten
     train_set, test_set = build_data(recipe)
     example = test_set.tensors[0][:1]
     try:
-        with torch.no_grad():
-            model.eval()(example)
+        with eval_mode(model), torch.no_grad():
+            call_model(model, example)
     except Exception as error:
         raise RecipeError(
             f"model and data do not fit: {recipe.data.name} gives inputs of shape {tuple(example.shape)}, "
             f"and the model fails on them ({type(error).__name__}: {error})"
         ) from None
-    finally:
-        model.train()
     return model, train_set, test_set, example
 
 

@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._format import format_percent as percent
+from ._format import format_ratio as times
+from ._format import format_seconds as seconds
 from ._version import __version__
 from .plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
 
@@ -63,28 +66,6 @@ __all__ = [
 
 
 # --- formatting ----------------------------------------------------------------------------------
-
-
-def percent(value: Any, digits: int = 1) -> str:
-    """``0.9123 -> "91.2%"``; ``None -> "-"``."""
-    return "-" if value is None else f"{float(value):.{digits}%}"
-
-
-def times(value: Any, digits: int = 1) -> str:
-    """A ratio: ``9.32 -> "9.3×"``; infinity prints as ``"∞"``."""
-    if value is None:
-        return "-"
-    return "∞" if math.isinf(value) else f"{float(value):.{digits}f}×"
-
-
-def seconds(value: Any) -> str:
-    """``0.000231 -> "231 µs"``."""
-    if value is None:
-        return "-"
-    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value / 1e-9:.3g} ns"
 
 
 def _default_format(value: Any) -> str:

@@ -216,7 +216,7 @@ def measure_speed_size(
         out["converted_layers"] = plan.converted
         out["latency_dense_s"], out["latency_sparse_s"] = plan.model_dense_s, plan.model_sparse_s
     else:
-        dense = metrics.latency(metrics._deployed(model), example_inputs, repeats=repeats, threads=threads)
+        dense = metrics.latency(metrics.deployed(model), example_inputs, repeats=repeats, threads=threads)
         out["latency_dense_s"] = out["latency_sparse_s"] = dense
     return out
 

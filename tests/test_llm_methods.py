@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prunekit.llm.methods import LLM_METHODS, Magnitude, get_method, nm_keep, parse_pattern
+from prunekit.llm.methods import LLM_METHODS, Magnitude, get_method, parse_pattern
 from prunekit.llm.sparsegpt import Hessian, SparseGPT, sparsegpt
 from prunekit.llm.wanda import InputNorms, Wanda, wanda_mask, wanda_scores
 
@@ -145,7 +145,7 @@ def _copy(h):
 
 def test_nm_keep_ties_keep_the_lower_index():
     scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 3.0, 0.0]])
-    assert nm_keep(scores, parse_pattern("2:4")).tolist() == [[True, True, False, False, True, False, True, False]]
+    assert parse_pattern("2:4").keep_best(scores).tolist() == [[True, True, False, False, True, False, True, False]]
 
 
 def test_registry_names_options_and_errors():

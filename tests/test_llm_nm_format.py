@@ -5,16 +5,16 @@ import torch
 
 import prunekit as pk
 from prunekit.llm import nm_format as F
-from prunekit.llm.methods import nm_keep, parse_pattern
+from prunekit.llm.methods import parse_pattern
 
 
 def _nm_weight(rows, cols, pattern, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g).to(dtype)
-    return w * nm_keep(w.float().abs(), parse_pattern(pattern))
+    return w * parse_pattern(pattern).keep_best(w.float().abs())
 
 
-@pytest.mark.parametrize("pattern,bits", [("2:4", 2), ("4:8", 4), ("1:4", 2), ("1:2", 1), ("8:16", 4)])
+@pytest.mark.parametrize("pattern,bits", [("2:4", 2), ("4:8", 3), ("1:4", 2), ("1:2", 1), ("8:16", 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_unpack_is_exact_and_small(pattern, bits, dtype):
     n, m = map(int, pattern.split(":"))
@@ -79,3 +79,20 @@ def test_load_refuses_other_files(tmp_path):
         F.load_nm(tmp_path / "plain.safetensors")
     with pytest.raises(FileNotFoundError):
         F.load_nm(tmp_path / "missing.safetensors")
+
+
+def test_the_nm_file_and_the_sparse_format_store_the_same_positions():
+    from prunekit import sparse_format
+
+    w = _nm_weight(8, 16, "2:4")
+    tensors, _ = sparse_format.encode({"w": w, "__mask__.w": w != 0})
+    assert torch.equal(F.pack(w, "2:4").indices, tensors["w::indices"])
+    assert torch.equal(F.pack(w, "2:4").values.reshape(-1), tensors["w::values"])
+
+
+def test_load_refuses_an_older_version(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "v1.safetensors"), metadata={"format": F.FORMAT, "version": "1"})
+    with pytest.raises(ValueError, match="version 1"):
+        F.load_nm(tmp_path / "v1.safetensors")

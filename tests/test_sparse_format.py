@@ -71,9 +71,9 @@ def test_pack_bits_matches_numpy(n):
 
 def test_small_integers_pack_to_their_bit_width():
     values = torch.tensor([0, 3, 1, 2, 3, 0])
-    packed = sparse_format._pack_ints(values, 2)
+    packed = sparse_format.pack_ints(values, 2)
     assert packed.tolist() == [0b00110110, 0b11000000]  # 00 11 01 10 | 11 00 (padding)
-    assert torch.equal(sparse_format._unpack_ints(packed, 6, 2), values)
+    assert torch.equal(sparse_format.unpack_ints(packed, 6, 2), values)
 
 
 # --- round trips --------------------------------------------------------------------------------

@@ -195,12 +195,18 @@ class NM(Granularity):
     def _groups(self, target: Target) -> int:
         return target.numel() // self.m
 
+    def keep_best(self, scores: Tensor) -> Tensor:
+        """Keep-mask of the N highest scores in every M consecutive entries along the last dimension
+        (its size a multiple of M); ties: the lower index is kept."""
+        blocks = scores.reshape(*scores.shape[:-1], scores.shape[-1] // self.m, self.m)
+        order = torch.sort(blocks, dim=-1, descending=True, stable=True).indices[..., : self.n]
+        keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order, True)
+        return keep.reshape(scores.shape)
+
     def keep_mask(self, scores: Tensor, kept: Tensor | None, target: Target) -> Tensor:
         """Keep the N best of every M (already pruned entries count as pruned; ties: lower index kept)."""
         s = scores if kept is None else scores.masked_fill(~kept, _NEG_INF)
-        blocks = self.to_groups(s, target)
-        order = torch.sort(blocks, dim=1, descending=True, stable=True).indices[:, : self.n]
-        keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, order, True)
+        keep = self.keep_best(self.to_groups(s, target))
         if kept is not None:
             keep &= self.to_groups(kept, target)
         return self.from_groups(keep, target)

@@ -37,7 +37,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["encode", "decode", "encoded_nbytes", "METADATA_KEY", "ENCODINGS"]
+__all__ = [
+    "encode",
+    "decode",
+    "encoded_nbytes",
+    "METADATA_KEY",
+    "ENCODINGS",
+    "pack_bits",
+    "unpack_bits",
+    "pack_ints",
+    "unpack_ints",
+    "index_bits",
+    "pack_nm",
+    "unpack_nm",
+    "find_nm",
+]
 
 METADATA_KEY = "prunekit_sparse"
 MASK_PREFIX = "__mask__."  # the same prefix as prunekit.serialization (which imports this module)
@@ -61,15 +75,47 @@ def unpack_bits(packed: Tensor, count: int) -> Tensor:
     return (packed.reshape(-1, 1) & _BITS).ne(0).reshape(-1)[:count]
 
 
-def _pack_ints(values: Tensor, bits: int) -> Tensor:
-    """Non-negative integers below ``2**bits``, each written with ``bits`` bits, packed into uint8."""
+def pack_ints(values: Tensor, bits: int) -> Tensor:
+    """Non-negative integers below ``2**bits``, each written with ``bits`` bits (most significant first),
+    one after the other into uint8 bytes: ``ceil(len * bits / 8)`` bytes."""
     shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int64)
-    return pack_bits((values.reshape(-1, 1).to(torch.int64) >> shifts) & 1)
+    return pack_bits((values.detach().reshape(-1, 1).cpu().to(torch.int64) >> shifts) & 1)
 
 
-def _unpack_ints(packed: Tensor, count: int, bits: int) -> Tensor:
+def unpack_ints(packed: Tensor, count: int, bits: int) -> Tensor:
+    """Inverse of :func:`pack_ints`: the first ``count`` integers, as int64."""
     weights = 1 << torch.arange(bits - 1, -1, -1, dtype=torch.int64)
-    return (unpack_bits(packed, count * bits).view(count, bits).to(torch.int64) * weights).sum(dim=1)
+    return (unpack_bits(packed.cpu(), count * bits).view(count, bits).to(torch.int64) * weights).sum(dim=1)
+
+
+# --- the N:M codec --------------------------------------------------------------------------------
+
+
+def index_bits(m: int) -> int:
+    """Bits per stored position inside a block of ``m``: ``ceil(log2 m)``, at least 1 (2 for 2:4)."""
+    return max(1, (m - 1).bit_length())
+
+
+def pack_nm(blocks: Tensor, kept: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``(values, positions)`` of ``(G, M)`` value ``blocks`` whose ``kept`` entries are at most ``n`` per
+    block: ``values`` is ``(G, n)``, the ``n`` chosen entries of every block in increasing position (the
+    kept ones; a block with fewer pads with its first free positions), ``positions`` their places in the
+    block, packed with :func:`index_bits` bits each by :func:`pack_ints`."""
+    m = blocks.shape[1]
+    order = torch.arange(m, device=blocks.device)
+    key = kept.to(torch.long) * m + (m - 1 - order)  # kept entries first, then lower positions first
+    chosen = torch.topk(key, n, dim=1).indices.sort(dim=1).values
+    return blocks.gather(1, chosen), pack_ints(chosen, index_bits(m))
+
+
+def unpack_nm(values: Tensor, positions: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`pack_nm`: the ``(G, M)`` value blocks (zero where nothing is stored) and the
+    bool blocks of the stored positions."""
+    groups, n = values.shape
+    where = unpack_ints(positions, groups * n, index_bits(m)).view(groups, n).to(values.device)
+    out = torch.zeros(groups, m, dtype=values.dtype, device=values.device).scatter_(1, where, values)
+    stored = torch.zeros(groups, m, dtype=torch.bool, device=values.device).scatter_(1, where, True)
+    return out, stored
 
 
 # --- sizes --------------------------------------------------------------------------------------
@@ -108,12 +154,8 @@ def _nbytes(encoding: str, numel: int, nnz: int, itemsize: int, shape: tuple[int
         return nnz * (itemsize + _itemsize(_index_dtype(cols))) + (rows + 1) * pointer
     if encoding == "nm":
         _, m, _ = nm
-        return nnz * itemsize + (nnz * _bits_for(m) + 7) // 8
+        return nnz * itemsize + (nnz * index_bits(m) + 7) // 8
     raise ValueError(encoding)
-
-
-def _bits_for(m: int) -> int:
-    return max(1, (m - 1).bit_length())
 
 
 # --- N:M detection --------------------------------------------------------------------------------
@@ -141,7 +183,7 @@ def find_nm(mask: Tensor) -> tuple[int, int, int] | None:
                 continue
             counts = _blocks(mask, dim, m).to(torch.uint8).sum(dim=1, dtype=torch.int32)
             if bool((counts == n).all()):
-                cost = n * _bits_for(m) / m  # index bits per entry
+                cost = n * index_bits(m) / m  # index bits per entry
                 if best is None or cost < best[0]:
                     best = (cost, (n, m, dim))
     return None if best is None else best[1]
@@ -184,10 +226,8 @@ def _encode_one(name: str, value: Tensor, mask: Tensor | None) -> tuple[dict, di
     if encoding == "nm":
         n, m, dim = extra
         info.update(n=n, m=m, dim=dim)
-        blocks = _blocks(kept, dim, m)
-        positions = blocks.nonzero()[:, 1]  # row-major: block by block, ascending within a block
-        values = _blocks(value, dim, m)[blocks]
-        return info, {key + "values": values, key + "indices": _pack_ints(positions, _bits_for(m))}
+        values, positions = pack_nm(_blocks(value, dim, m), _blocks(kept, dim, m), n)
+        return info, {key + "values": values.reshape(-1), key + "indices": positions}
     values = value.reshape(-1)[kept.reshape(-1)]
     if encoding == "bitmask":
         return info, {key + "values": values, key + "bitmask": pack_bits(kept)}
@@ -220,13 +260,8 @@ def _decode_one(name: str, info: Mapping, tensors: Mapping[str, Tensor]) -> tupl
         n, m, dim = info["n"], info["m"], info["dim"]
         moved = list(shape)
         moved.append(moved.pop(dim))
-        count = numel // m * n
-        positions = _unpack_ints(tensors[key + "indices"], count, _bits_for(m)).view(-1, n)
-        blocks = torch.zeros(numel // m, m, dtype=torch.bool)
-        blocks.scatter_(1, positions, True)
+        value, blocks = unpack_nm(tensors[key + "values"].to(dtype).view(-1, n), tensors[key + "indices"], m)
         kept = blocks.reshape(moved).movedim(-1, dim)
-        value = torch.zeros(numel // m, m, dtype=dtype)
-        value[blocks] = tensors[key + "values"]
         return value.reshape(moved).movedim(-1, dim).contiguous(), kept.contiguous()
     else:
         raise ValueError(f"{name}: unknown encoding {encoding!r} in the file (known: {', '.join(ENCODINGS)})")

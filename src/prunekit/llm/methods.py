@@ -27,7 +27,6 @@ __all__ = [
     "LLM_METHODS",
     "get_method",
     "parse_pattern",
-    "nm_keep",
     "lowest_k_keep",
     "Magnitude",
 ]
@@ -98,16 +97,6 @@ def parse_pattern(pattern: str | NM | None) -> NM | None:
     return gran
 
 
-def nm_keep(scores: Tensor, pattern: NM) -> Tensor:
-    """Keep the ``N`` highest scores in every ``M`` consecutive entries of each row of an ``(out, in)`` matrix
-    (ties: the lower index is kept)."""
-    rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
-    order = torch.sort(groups, dim=2, descending=True, stable=True).indices[..., : pattern.n]
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True)
-    return keep.reshape(rows, cols)
-
-
 def lowest_k_keep(scores: Tensor, k: int, dim: int | None = None) -> Tensor:
     """Prune exactly the ``k`` lowest scores (of the whole matrix, or along ``dim`` in every slice)."""
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
@@ -137,7 +126,7 @@ class Magnitude(LayerMethod):
     def prune(self, weight, stats, sparsity, pattern, kept):
         scores = masked_scores(weight.abs(), kept)
         if pattern is not None:
-            keep = nm_keep(scores, pattern)
+            keep = pattern.keep_best(scores)
         else:
             keep = lowest_k_keep(scores, num_to_prune(sparsity, scores.numel()))
         return LayerResult(keep if kept is None else keep & kept)

@@ -6,8 +6,10 @@ is stored as
 * ``values``: ``(rows, cols * N / M)`` in the weight's own dtype: the ``N`` entries of every group, in
   increasing position (a group with fewer than ``N`` non-zeros pads with zeros at its first free positions);
 * ``indices``: the position (``0 .. M-1``) of each stored value inside its group, packed into ``uint8``
-  with ``b`` bits per index, ``b`` = ``ceil(log2 M)`` rounded up to 1, 2, 4 or 8 (2 bits for 2:4, so
-  four indices per byte; 4 bits for 4:8).
+  with ``ceil(log2 M)`` bits per index (2 bits for 2:4, so four indices per byte; 3 bits for 4:8).
+
+The codec is :func:`prunekit.sparse_format.pack_nm`, the one ``prunekit.save(..., format="sparse")``
+uses for its ``nm`` encoding; this module adds the whole-model file around it.
 
 So a float32 2:4 weight takes ``0.5 * 4 + 0.5 * 2/8 = 2.125`` bytes per original entry instead of 4
 (1.88x smaller); bfloat16 gives 1.78x (NVIDIA's 2:4 metadata uses the same 2 bits per kept value).
@@ -21,7 +23,6 @@ every other tensor dense under its own name. :func:`load_nm` reads it back into 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +32,14 @@ from torch import Tensor, nn
 
 from ..masking import named_effective_tensors
 from ..modules import is_gpt_conv1d
+from ..sparse_format import index_bits, pack_nm, unpack_nm
 from .methods import parse_pattern
 
 __all__ = ["NMTensor", "pack", "unpack", "index_bits", "follows_pattern", "save_nm", "load_nm", "NMSaveReport"]
 
 FORMAT = "prunekit-nm"
-VERSION = 1
+VERSION = 2  # 2: the indices are packed by sparse_format.pack_ints (ceil(log2 M) bits, most significant first)
 _VALUES, _INDICES = "::nm_values", "::nm_indices"
-
-
-def index_bits(m: int) -> int:
-    """Bits per stored index: ``ceil(log2 M)`` rounded up to 1, 2, 4 or 8."""
-    if not 2 <= m <= 256:
-        raise ValueError(f"M must be in [2, 256] for the N:M format, got {m}")
-    need = max(1, math.ceil(math.log2(m)))
-    return next(b for b in (1, 2, 4, 8) if b >= need)
 
 
 @dataclass
@@ -70,24 +64,6 @@ def follows_pattern(weight: Tensor, n: int, m: int) -> bool:
     return bool((weight.reshape(weight.shape[0], -1, m) != 0).sum(dim=2).le(n).all())
 
 
-def _pack_bits(idx: Tensor, bits: int) -> Tensor:
-    per_byte = 8 // bits
-    flat = idx.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % per_byte
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    flat = flat.reshape(-1, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=flat.device) * bits
-    return (flat << shifts).sum(dim=1).to(torch.uint8)
-
-
-def _unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
-    out = (packed.to(torch.int32).reshape(-1, 1) >> shifts) & ((1 << bits) - 1)
-    return out.reshape(-1)[:count].to(torch.long)
-
-
 def pack(weight: Tensor, pattern: str = "2:4") -> NMTensor:
     """Pack an ``(rows, cols)`` weight that follows ``pattern`` along its last dimension (``ValueError`` if not)."""
     nm = parse_pattern(pattern)
@@ -101,21 +77,15 @@ def pack(weight: Tensor, pattern: str = "2:4") -> NMTensor:
     nonzero = groups != 0
     if bool((nonzero.sum(dim=2) > n).any()):
         raise ValueError(f"the weight does not follow the {nm.name} pattern (some group has more than {n} non-zeros)")
-    pos = torch.arange(m, device=weight.device)
-    key = nonzero.to(torch.long) * m + (m - 1 - pos)  # non-zeros first, then lower positions first
-    chosen = torch.topk(key, n, dim=2).indices.sort(dim=2).values
-    values = groups.gather(2, chosen).reshape(rows, cols // m * n).contiguous()
-    bits = index_bits(m)
-    return NMTensor(values, _pack_bits(chosen, bits), (rows, cols), n, m)
+    values, indices = pack_nm(groups.reshape(-1, m), nonzero.reshape(-1, m), n)
+    return NMTensor(values.reshape(rows, cols // m * n).contiguous(), indices, (rows, cols), n, m)
 
 
 def unpack(packed: NMTensor) -> Tensor:
     """The dense ``(rows, cols)`` weight."""
     rows, cols = packed.shape
     n, m = packed.n, packed.m
-    idx = _unpack_bits(packed.indices, index_bits(m), rows * cols // m * n).reshape(rows, cols // m, n)
-    groups = torch.zeros(rows, cols // m, m, dtype=packed.values.dtype, device=packed.values.device)
-    groups.scatter_(2, idx.to(groups.device), packed.values.reshape(rows, cols // m, n))
+    groups, _ = unpack_nm(packed.values.reshape(-1, n), packed.indices, m)
     return groups.reshape(rows, cols)
 
 
@@ -216,6 +186,9 @@ def load_nm(path: str | os.PathLike) -> dict[str, Tensor]:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a prunekit N:M file (format {metadata.get('format')!r})")
+        if metadata.get("version") != str(VERSION):
+            raise ValueError(f"{path} is N:M format version {metadata.get('version')}; this prunekit reads "
+                             f"version {VERSION} (load it with the prunekit that wrote it and save it again)")
         meta = json.loads(metadata.get("nm", "{}"))
         state = {}
         for key in f.keys():

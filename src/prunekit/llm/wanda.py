@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..granularity import num_to_prune
-from .methods import LLM_METHODS, LayerMethod, LayerResult, lowest_k_keep, masked_scores, nm_keep
+from .methods import LLM_METHODS, LayerMethod, LayerResult, lowest_k_keep, masked_scores
 
 __all__ = ["InputNorms", "wanda_scores", "wanda_mask", "Wanda"]
 
@@ -43,7 +43,7 @@ def wanda_mask(weight: Tensor, input_norms: Tensor, sparsity: float, pattern=Non
     """Wanda's keep-mask: the lowest scores of every row (exactly ``round(s * in)`` per row) or of every N:M group."""
     scores = masked_scores(wanda_scores(weight, input_norms), kept)
     if pattern is not None:
-        keep = nm_keep(scores, pattern)
+        keep = pattern.keep_best(scores)
     else:
         keep = lowest_k_keep(scores, num_to_prune(sparsity, scores.shape[1]), dim=1)
     return keep if kept is None else keep & kept

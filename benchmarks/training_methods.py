@@ -35,7 +35,7 @@ import prunekit as pk  # noqa: E402
 from prunekit.data import digits, evaluate, loaders, make_optimizer, train  # noqa: E402
 from prunekit.models import LeNet300100  # noqa: E402
 from prunekit.regularizers import L0, LearnedMasks, SparseVD, get_penalty  # noqa: E402
-from prunekit.training import SET, LotteryTicket, RigL, capture, rewind  # noqa: E402
+from prunekit.training import SET, LotteryTicket, RigL, SETCosine, capture, rewind  # noqa: E402
 
 
 @dataclass
@@ -242,6 +242,18 @@ def _dst(cls):
     return run
 
 
+def set_mocanu(ctx: Context):
+    """SET as in Mocanu et al.: 90%, ERK, once per epoch for the whole training, zeta 0.3 of the smallest
+    positive and of the largest negative weights dropped, random regrowth."""
+    model = ctx.model()
+    opt = make_optimizer(model, "adam", ctx.cfg.lr)
+    total = ctx.cfg.epochs * ctx.steps_per_epoch()
+    dst = SET(model, 0.9, end=total, update_every=ctx.steps_per_epoch(), zeta=0.3, distribution="erk",
+              optimizer=opt, seed=ctx.seed)
+    ctx.fit(model, ctx.cfg.epochs, optimizer=opt, callback=lambda step: dst.step())
+    return model
+
+
 def _penalty(name: str, strength: float, threshold: float, proximal: bool = False, **kwargs):
     def run(ctx: Context):
         model = ctx.model()
@@ -319,7 +331,8 @@ METHODS: dict[str, tuple[str, Callable[[Context], torch.nn.Module]]] = {
     "snip": ("SNIP at init (Lee 2019)", _at_init("snip")),
     "synflow": ("SynFlow at init, 100 rounds (Tanaka 2020)", _at_init("synflow")),
     "random_erk": ("static random mask, ERK", random_erk),
-    "set": ("SET, ERK (Mocanu 2018)", _dst(SET)),
+    "set": ("SET, ERK (Mocanu 2018)", set_mocanu),
+    "set_cosine": ("SET growth, RigL's cosine |w| drop (SETCosine)", _dst(SETCosine)),
     "rigl": ("RigL, ERK (Evci 2020)", _dst(RigL)),
     "l1": ("L1 penalty + threshold", _penalty("l1", 5e-4, 1e-2)),
     "l1_prox": ("L1 proximal steps, exact zeros", _penalty("l1", 0.3, 0.0, proximal=True)),

@@ -1,9 +1,18 @@
 """Dynamic sparse training at constant sparsity: SET (Mocanu et al. 2018) and RigL (Evci et al. 2020).
 
 The network is sparse from the first step. Every ``update_every`` optimizer steps, until step ``end``,
-each layer drops the fraction ``f(t)`` of its active weights with the smallest magnitudes and regrows as
-many inactive ones: at random (SET) or where the dense gradient is largest (RigL). The fraction decays
-on a cosine schedule, ``f(t) = alpha / 2 * (1 + cos(pi * t / end))``. Regrown weights start at zero (a
+each layer drops some of its active weights and regrows as many inactive ones:
+
+* ``SET`` (Mocanu et al.): drops the fraction ``zeta`` of the smallest *positive* weights and ``zeta`` of
+  the largest *negative* weights (those closest to zero on each side), ``zeta`` constant (0.3 in the
+  paper; updates once per epoch there: ``update_every`` = steps per epoch); regrows at random.
+* ``RigL`` (Evci et al.): drops the fraction ``f(t)`` of active weights with the smallest ``|w|``, the
+  fraction decaying on a cosine, ``f(t) = alpha / 2 * (1 + cos(pi * t / end))``; regrows where the dense
+  gradient is largest.
+* ``SETCosine``: RigL's drop rule and schedule with SET's random growth (what RigL's paper compares
+  against as "SET"; not Mocanu et al.'s rule).
+
+Regrown weights start at zero (a
 weight dropped and regrown in the same update keeps its value: it never left), and their optimizer state
 (momentum, Adam moments) is cleared when the optimizer is given. Per-layer sparsities stay as allocated
 at the start: uniform, or Erdős–Rényi-Kernel (ERK).
@@ -36,7 +45,7 @@ from ..pruning import prune
 from ..scope import check_sparsity, erk_sparsities
 from ..targets import Target, resolve_targets
 
-__all__ = ["DynamicSparseTraining", "SET", "RigL", "cosine_update_fraction", "DISTRIBUTIONS"]
+__all__ = ["DynamicSparseTraining", "SET", "SETCosine", "RigL", "cosine_update_fraction", "DISTRIBUTIONS"]
 
 DISTRIBUTIONS = ("erk", "uniform")
 
@@ -82,7 +91,8 @@ def _check_int(value, what: str, minimum: int) -> int:
 
 class DynamicSparseTraining:
     """Drop the smallest-magnitude weights and regrow others, at constant sparsity. Subclasses define the
-    growth rule (``grow_scores``); see ``SET`` and ``RigL``.
+    growth rule (``grow_scores``) and may change the drop rule (``drop``) and the fraction (``fraction``);
+    see ``SET``, ``SETCosine`` and ``RigL``.
 
     Args:
         model: the network (DDP-wrapped or not). Targets that already have masks keep them (their current
@@ -236,16 +246,24 @@ class DynamicSparseTraining:
         self.history.append(record)
         return record
 
+    def drop(self, target: Target, active: Tensor, fraction: float) -> Tensor:
+        """The flat mask of weights still active after dropping ``fraction`` of ``active`` (flat, bool):
+        here the smallest ``|w|``."""
+        n = int(active.count_nonzero())
+        k = int(fraction * n)
+        weights = target.parameter.detach().reshape(-1).abs().float()
+        kept = torch.zeros_like(active)
+        kept[torch.topk(weights.masked_fill(~active, float("-inf")), n - k, sorted=False).indices] = True
+        return kept
+
     def _layer_update(self, index: int, target: Target, mask: Tensor, fraction: float) -> Tensor:
         flat_mask = mask.reshape(-1)
-        active = int(flat_mask.count_nonzero())
-        k = int(fraction * active)
-        if k == 0 or active == flat_mask.numel():
+        if int(flat_mask.count_nonzero()) == flat_mask.numel():
             return mask.clone()
-        weights = target.parameter.detach().reshape(-1).abs().float()
-        keep_scores = weights.masked_fill(~flat_mask, float("-inf"))
-        kept = torch.zeros_like(flat_mask)
-        kept[torch.topk(keep_scores, active - k, sorted=False).indices] = True
+        kept = self.drop(target, flat_mask, fraction)
+        k = int(flat_mask.count_nonzero()) - int(kept.count_nonzero())
+        if k == 0:
+            return mask.clone()
         grow = self.grow_scores(index, target).reshape(-1).float().masked_fill(kept, float("-inf"))
         kept[torch.topk(grow, k, sorted=False).indices] = True
         return kept.reshape(mask.shape)
@@ -282,14 +300,62 @@ class DynamicSparseTraining:
         )
 
 
+def _random_growth(dst: DynamicSparseTraining, index: int, target: Target) -> Tensor:
+    """Seeded uniform scores: one generator per (seed, step, layer)."""
+    generator = torch.Generator().manual_seed(dst.seed * 1_000_003 + dst.step_count * 1009 + index)
+    return torch.rand(target.shape, generator=generator).to(target.parameter.device)
+
+
 class SET(DynamicSparseTraining):
-    """Sparse Evolutionary Training (Mocanu et al. 2018): drop the smallest magnitudes, regrow at random."""
+    """Sparse Evolutionary Training (Mocanu et al. 2018): at every update, drop the fraction ``zeta`` of the
+    smallest positive weights and ``zeta`` of the largest negative weights, then regrow as many at random.
+
+    ``zeta`` is constant (the paper: 0.3, one update per epoch, so ``update_every`` = steps per epoch).
+    Active weights that are exactly zero (regrown, not trained yet) are neither positive nor negative and
+    stay. Other arguments as in ``DynamicSparseTraining`` (``alpha`` is not used).
+    """
 
     name = "set"
 
+    def __init__(self, model: nn.Module, sparsity: float = 0.9, *, zeta: float = 0.3, **kwargs) -> None:
+        if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not 0.0 < zeta <= 1.0:
+            raise ValueError(f"zeta must be in (0, 1], got {zeta!r}")
+        self.zeta = float(zeta)
+        super().__init__(model, sparsity, **kwargs)
+
+    def fraction(self, step: int) -> float:
+        """``zeta`` before ``end``, 0 from ``end`` on: constant, as in the paper."""
+        return self.zeta if step < self.end else 0.0
+
+    def drop(self, target: Target, active: Tensor, fraction: float) -> Tensor:
+        w = target.parameter.detach().reshape(-1).float()
+        positive, negative = active & (w > 0), active & (w < 0)
+        kept = active.clone()
+        k_pos, k_neg = int(fraction * int(positive.count_nonzero())), int(fraction * int(negative.count_nonzero()))
+        if k_pos:  # the smallest positive weights
+            kept[torch.topk(w.masked_fill(~positive, float("inf")), k_pos, largest=False).indices] = False
+        if k_neg:  # the largest (closest to zero) negative weights
+            kept[torch.topk(w.masked_fill(~negative, float("-inf")), k_neg).indices] = False
+        return kept
+
     def grow_scores(self, index: int, target: Target) -> Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_count * 1009 + index)
-        return torch.rand(target.shape, generator=generator).to(target.parameter.device)
+        return _random_growth(self, index, target)
+
+    def __repr__(self) -> str:
+        return (
+            f"SET(sparsity={self.sparsity}, distribution={self.distribution!r}, "
+            f"update_every={self.update_every}, end={self.end}, zeta={self.zeta})"
+        )
+
+
+class SETCosine(DynamicSparseTraining):
+    """RigL's drop rule (the fraction ``alpha/2 (1 + cos(pi t / end))`` of the smallest ``|w|``, both signs
+    together) with SET's random growth: the "SET" baseline of Evci et al. 2020, not Mocanu et al.'s rule."""
+
+    name = "set_cosine"
+
+    def grow_scores(self, index: int, target: Target) -> Tensor:
+        return _random_growth(self, index, target)
 
 
 class RigL(DynamicSparseTraining):

@@ -164,17 +164,32 @@ def test_select_heads_scopes():
 def test_angular_distance_matches_hidden_states_by_hand():
     model = tiny_model("llama", num_hidden_layers=4)
     calib = pk.llm.random_calibration(256, 4, 16)
-    d = L.angular_distances(model, calib, n=1)
+    d = L.angular_distances(model, calib, n=1)  # Gromov et al.: the last token of each sequence
+    every = L.angular_distances(model, calib, n=1, tokens="all")
     with torch.no_grad():
         hs = model(calib, output_hidden_states=True).hidden_states  # inputs of blocks 0..3, then normed output
     for layer in range(3):  # hidden_states[4] is after the final norm: compare blocks 0..2 only
         cos = torch.nn.functional.cosine_similarity(hs[layer], hs[layer + 1], dim=-1).clamp(-1, 1)
-        expected = float((torch.arccos(cos) / math.pi).mean())
-        assert float(d[layer]) == pytest.approx(expected, rel=1e-4)
+        angle = torch.arccos(cos) / math.pi  # (sequences, tokens)
+        assert float(d[layer]) == pytest.approx(float(angle[:, -1].mean()), rel=1e-4)
+        assert float(every[layer]) == pytest.approx(float(angle.mean()), rel=1e-4)
+    assert not torch.allclose(d, every)
     d2 = L.angular_distances(model, calib, n=2)
     cos = torch.nn.functional.cosine_similarity(hs[1], hs[3], dim=-1).clamp(-1, 1)
-    assert float(d2[1]) == pytest.approx(float((torch.arccos(cos) / math.pi).mean()), rel=1e-4)
+    assert float(d2[1]) == pytest.approx(float((torch.arccos(cos) / math.pi)[:, -1].mean()), rel=1e-4)
     assert d2.shape == (3,)
+    with pytest.raises(ValueError, match="tokens must be one of"):
+        L.angular_distances(model, calib, tokens="first")
+
+
+def test_angular_distance_takes_the_last_real_token_under_padding():
+    a = torch.randn(2, 5, 8)
+    b = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)  # right and left padding
+    total, count = L._angular(a, b, mask, "last")
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    expected = (torch.arccos(cos[0, 2]) + torch.arccos(cos[1, 4])) / math.pi
+    assert count == 2 and total == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -2,9 +2,10 @@
 
 * ``"angular"`` (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"): the
   angular distance ``arccos(cos(x_l, x_{l+n})) / pi`` between the hidden states entering block ``l`` and
-  those entering block ``l + n``, averaged over the calibration tokens. A small distance means blocks
-  ``l .. l+n-1`` barely change the residual stream; the paper removes the ``n`` consecutive blocks with
-  the smallest distance.
+  those entering block ``l + n``, at the last token of each sequence (the paper's rule: the last token
+  has attended to the whole sequence), averaged over the sequences; ``tokens="all"`` averages over every
+  real token instead. A small distance means blocks ``l .. l+n-1`` barely change the residual stream;
+  the paper removes the ``n`` consecutive blocks with the smallest distance.
 * ``"perplexity"``: the increase of the calibration perplexity when the block is skipped (its output
   replaced by its input); causal language models only.
 
@@ -32,6 +33,7 @@ from .sequential import as_batches, capture_block_inputs, run_block
 __all__ = ["LAYER_IMPORTANCE", "layer_importance", "angular_distances", "skip_layers", "remove_layers", "prune_layers"]
 
 LAYER_IMPORTANCE = ("angular", "perplexity")
+ANGULAR_TOKENS = ("last", "all")
 
 
 def _check_method(method: str) -> None:
@@ -41,19 +43,35 @@ def _check_method(method: str) -> None:
         raise ValueError(unknown_name_message("layer importance", method, LAYER_IMPORTANCE))
 
 
-def _angular(a: Tensor, b: Tensor, mask: Tensor | None) -> tuple[float, int]:
-    """Sum over tokens of ``arccos(cos(a_t, b_t)) / pi`` and the number of tokens."""
+def _angular(a: Tensor, b: Tensor, mask: Tensor | None, tokens: str = "last") -> tuple[float, int]:
+    """Sum of ``arccos(cos(a_t, b_t)) / pi`` over the last real token of each sequence (``tokens="last"``)
+    or over every real token (``"all"``), and the number of terms."""
     cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
-    dist = torch.arccos(cos) / math.pi
-    if mask is not None and tuple(mask.shape) == tuple(dist.shape):
+    dist = torch.arccos(cos) / math.pi  # (batch, seq)
+    fits = mask is not None and tuple(mask.shape) == tuple(dist.shape)
+    if tokens == "last":
+        if fits:  # the last real token, whatever side the padding is on
+            positions = torch.arange(1, dist.shape[-1] + 1, device=dist.device)
+            last = (mask.to(dist.device).long() * positions).argmax(-1)
+        else:
+            last = torch.full(dist.shape[:-1], dist.shape[-1] - 1, dtype=torch.long, device=dist.device)
+        dist = dist.gather(-1, last.unsqueeze(-1))
+    elif fits:
         dist = dist[mask.to(dist.device)]
     return float(dist.sum(dtype=torch.float64)), dist.numel()
 
 
+def _check_tokens(tokens: str) -> None:
+    if tokens not in ANGULAR_TOKENS:
+        raise ValueError(f"tokens must be one of {ANGULAR_TOKENS}, got {tokens!r}")
+
+
 def angular_distances(model: nn.Module, calibration: Any, n: int = 1, *, batch_size: int = 8,
-                      blocks: str | None = None) -> Tensor:
+                      blocks: str | None = None, tokens: str = "last") -> Tensor:
     """``d[l]`` = mean angular distance between the inputs of block ``l`` and of block ``l + n`` (the output of
-    the last block for ``l + n = L``), for ``l = 0 .. L - n``. Keeps ``n + 1`` sets of hidden states."""
+    the last block for ``l + n = L``), for ``l = 0 .. L - n``, at the last token of each sequence (Gromov et
+    al.) or, with ``tokens="all"``, over every real token. Keeps ``n + 1`` sets of hidden states."""
+    _check_tokens(tokens)
     name, block_list = find_blocks(model, blocks)
     L = len(block_list)
     if not (1 <= n <= L - 1):
@@ -74,7 +92,7 @@ def angular_distances(model: nn.Module, calibration: Any, n: int = 1, *, batch_s
                 start = i + 1 - n  # history[0] holds the inputs of block `start`, history[-1] those of block i + 1
                 if start >= 0:
                     for b in range(len(batches)):
-                        s, c = _angular(history[0][b], history[-1][b], inputs.token_masks[b])
+                        s, c = _angular(history[0][b], history[-1][b], inputs.token_masks[b], tokens)
                         sums[start] += s
                         counts[start] += c
     return (sums / counts).float()
@@ -107,12 +125,13 @@ def _calibration_ids(calibration: Any) -> Tensor:
 
 
 def layer_importance(model: nn.Module, calibration: Any, method: str = "angular", *, batch_size: int = 8,
-                     blocks: str | None = None) -> Tensor:
-    """One score per block (higher = more important): its angular distance (input to output), or the
-    calibration perplexity's increase when it is skipped."""
+                     blocks: str | None = None, tokens: str = "last") -> Tensor:
+    """One score per block (higher = more important): its angular distance (input to output; ``tokens`` as
+    in :func:`angular_distances`), or the calibration perplexity's increase when it is skipped."""
     _check_method(method)
+    _check_tokens(tokens)
     if method == "angular":
-        return angular_distances(model, calibration, 1, batch_size=batch_size, blocks=blocks)
+        return angular_distances(model, calibration, 1, batch_size=batch_size, blocks=blocks, tokens=tokens)
     ids = _calibration_ids(calibration)
     _, block_list = find_blocks(model, blocks)
 
@@ -168,22 +187,25 @@ def remove_layers(model: nn.Module, indices: Sequence[int], blocks: str | None =
 
 
 def prune_layers(model: nn.Module, calibration: Any, num_layers: int, method: str = "angular", *,
-                 contiguous: bool = True, batch_size: int = 8, blocks: str | None = None) -> list[int]:
+                 contiguous: bool = True, batch_size: int = 8, blocks: str | None = None,
+                 tokens: str = "last") -> list[int]:
     """Remove ``num_layers`` blocks; returns the removed indices.
 
     ``"angular"`` with ``contiguous=True`` removes the ``num_layers`` consecutive blocks whose input and
-    output are closest (Gromov et al. 2024); otherwise the blocks with the lowest single-block scores go.
+    output are closest at the last token (Gromov et al. 2024; ``tokens="all"`` averages over every token);
+    otherwise the blocks with the lowest single-block scores go.
     """
     _check_method(method)
+    _check_tokens(tokens)
     _, block_list = find_blocks(model, blocks)
     if not (0 < num_layers < len(block_list)):
         raise ValueError(f"num_layers must be in [1, {len(block_list) - 1}], got {num_layers}")
     if method == "angular" and contiguous:
-        d = angular_distances(model, calibration, num_layers, batch_size=batch_size, blocks=blocks)
+        d = angular_distances(model, calibration, num_layers, batch_size=batch_size, blocks=blocks, tokens=tokens)
         start = int(torch.argmin(d))
         drop = list(range(start, start + num_layers))
     else:
-        scores = layer_importance(model, calibration, method, batch_size=batch_size, blocks=blocks)
+        scores = layer_importance(model, calibration, method, batch_size=batch_size, blocks=blocks, tokens=tokens)
         drop = sorted(torch.topk(scores, num_layers, largest=False).indices.tolist())
     remove_layers(model, drop, blocks)
     return drop

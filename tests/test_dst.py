@@ -122,21 +122,22 @@ def test_set_keeps_every_layer_at_its_erk_sparsity_and_regrown_weights_start_at_
 
 def test_set_drops_zeta_of_the_smallest_positive_and_of_the_largest_negative_weights():
     weights = torch.tensor([[0.9, -0.1, 0.7, -0.3, 0.05], [0.6, -0.4, 0.8, -0.2, 0.0]])
-    active = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    active = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     model = nn.Sequential(nn.Linear(5, 2, bias=False))
     with torch.no_grad():
         model[0].weight.copy_(weights)
     pk.masking.attach(model, "0.weight", active)
-    dst = SET(model, 0.2, end=10, update_every=1, zeta=0.5, seed=1)
+    dst = SET(model, 0.1, end=10, update_every=1, zeta=0.5, seed=1)
     # active positives 0.9 0.7 0.6 0.8: int(0.5 * 4) = 2 smallest go (0.6, 0.7);
-    # active negatives -0.1 -0.3 -0.4 -0.2: int(0.5 * 4) = 2 closest to zero go (-0.1, -0.2)
+    # active negatives -0.1 -0.3 -0.4 -0.2: int(0.5 * 4) = 2 closest to zero go (-0.1, -0.2);
+    # the active exact zero lies between the two thresholds and goes too
     kept = dst.drop(dst.targets[0], active.reshape(-1), 0.5).reshape(2, 5)
     assert kept.tolist() == [[True, False, False, True, False], [False, True, True, False, False]]
-    # by magnitude over both signs (RigL's drop, SETCosine) the four negatives would go
-    magnitude = SETCosine(model, 0.2, end=10, update_every=1).drop(dst.targets[0], active.reshape(-1), 0.5)
-    assert magnitude.reshape(2, 5).tolist() == [[True, False, True, False, False], [True, False, True, False, False]]
+    # by magnitude over both signs (RigL's drop, SETCosine): int(0.5 * 9) = 4 smallest |w|, 0 -0.1 -0.2 -0.3
+    magnitude = SETCosine(model, 0.1, end=10, update_every=1).drop(dst.targets[0], active.reshape(-1), 0.5)
+    assert magnitude.reshape(2, 5).tolist() == [[True, False, True, False, False], [True, True, True, False, False]]
     update = dst.step()  # the whole update: 5 dropped, 5 regrown at random, density unchanged
-    assert update.fraction == 0.5 and int(pk.masks(model)["0.weight"].sum()) == 8
+    assert update.fraction == 0.5 and int(pk.masks(model)["0.weight"].sum()) == 9
     with pytest.raises(ValueError, match="zeta"):
         SET(nn.Sequential(nn.Linear(3, 3)), 0.5, end=10, zeta=0.0)
 

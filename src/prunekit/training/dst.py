@@ -311,8 +311,9 @@ class SET(DynamicSparseTraining):
     smallest positive weights and ``zeta`` of the largest negative weights, then regrow as many at random.
 
     ``zeta`` is constant (the paper: 0.3, one update per epoch, so ``update_every`` = steps per epoch).
-    Active weights that are exactly zero (regrown, not trained yet) are neither positive nor negative and
-    stay. Other arguments as in ``DynamicSparseTraining`` (``alpha`` is not used).
+    Active weights that are exactly zero lie between the two thresholds and go too, as in the reference
+    implementation (a regrown weight that no gradient moved). Regrown weights start at zero, not at a
+    random value as in the paper. Other arguments as in ``DynamicSparseTraining`` (``alpha`` is not used).
     """
 
     name = "set"
@@ -330,7 +331,7 @@ class SET(DynamicSparseTraining):
     def drop(self, target: Target, active: Tensor, fraction: float) -> Tensor:
         w = target.parameter.detach().reshape(-1).float()
         positive, negative = active & (w > 0), active & (w < 0)
-        kept = active.clone()
+        kept = positive | negative  # exact zeros go
         k_pos, k_neg = int(fraction * int(positive.count_nonzero())), int(fraction * int(negative.count_nonzero()))
         if k_pos:  # the smallest positive weights
             kept[torch.topk(w.masked_fill(~positive, float("inf")), k_pos, largest=False).indices] = False

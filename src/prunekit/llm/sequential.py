@@ -4,10 +4,13 @@
    identity; a pre-hook on each block records the arguments it receives (attention masks, position
    embeddings, ...), and the hidden states entering block 0 are kept. The pass stops before whatever
    follows the last block (the final norm and the LM head never run).
-2. For each block in turn: forward hooks on its prunable layers accumulate their input statistics while
-   the block runs on the current hidden states; each layer is pruned (mask attached, weights updated
-   for reconstructing methods) and its statistics are freed; then the *pruned* block runs again and its
-   outputs replace its inputs, batch by batch, as the next block's inputs.
+2. For each block in turn: pre-hooks on its prunable layers accumulate their input statistics while
+   the block runs on the current hidden states (layers reading one tensor share one accumulator, and the
+   pass stops once the last layer has seen its input); each layer is pruned (mask attached, weights
+   updated for reconstructing methods) and its statistics are freed; then the *pruned* block runs again
+   and its outputs replace its inputs, batch by batch, as the next block's inputs. In the true sequential
+   mode (``mode="layer"``) the layers are pruned group by group in call order, each group's statistics
+   collected on the block whose earlier groups are already pruned.
 
 At any time one set of hidden states (``samples x seq_len x hidden``) and one block's statistics are in
 memory, whatever the number of blocks.
@@ -29,7 +32,10 @@ from .blocks import BlockLayer, is_prunable, block_layers, current_keep, matrix_
 from .methods import LayerMethod
 
 __all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord",
-           "gather_layers", "outside_layers"]
+           "gather_layers", "outside_layers", "collect_statistics", "call_groups", "SEQUENTIAL_MODES"]
+
+#: ``"block"``: every layer of a block calibrated on the dense block; ``"layer"``: true sequential within a block
+SEQUENTIAL_MODES = ("block", "layer")
 
 
 class _Stop(Exception):
@@ -204,23 +210,107 @@ class BlockRecord:
     layers: list[LayerRecord] = field(default_factory=list)
 
 
-def _stats_hook(acc, token_masks: list, current: list[int]):
-    def hook(module, args, output):
-        x = args[0].detach()
-        mask = token_masks[current[0]]
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.to(x.device)]
-        acc.add(x.reshape(-1, x.shape[-1]))
+class _StatsPass:
+    """Pre-hooks that feed each layer's inputs to its accumulator while the block runs.
 
-    return hook
+    Two shortcuts, neither of which changes a statistic: layers that read the very same input tensor
+    (q/k/v, gate/up) share one accumulator, filled once; and the pass stops (``_Stop``) as soon as the
+    last watched layer has seen its input, so that layer's own matmul and what follows it never run.
+    ``order`` lists ``(layer name, owner name)`` in call order (from the first batch), ``owner`` being the
+    layer whose accumulator is shared.
+    """
+
+    def __init__(self, layers: Sequence[BlockLayer], method: LayerMethod, token_masks: list) -> None:
+        self.method, self.token_masks = method, token_masks
+        self.stats: dict[str, Any] = {}
+        self.owner: dict[str, str] = {}
+        self.order: list[tuple[str, str]] = []
+        self.batch = 0
+        self._seen: set[str] = set()
+        self._last: tuple[Tensor, str] | None = None
+        self._count = len(layers)
+        self.handles = [layer.module.register_forward_pre_hook(self._hook(layer)) for layer in layers]
+
+    def start(self, batch: int) -> None:
+        self.batch, self._seen, self._last = batch, set(), None
+
+    def _hook(self, layer: BlockLayer):
+        def hook(module, args):
+            x = args[0]
+            name = layer.name
+            if name not in self.owner:  # first batch: own accumulator, or the previous layer's on the same tensor
+                shared = self._last is not None and self._last[0] is x
+                self.owner[name] = self._last[1] if shared else name
+                if not shared:
+                    self.stats[name] = self.method.statistics(layer.in_features, _device(module))
+                self.stats[name] = self.stats[self.owner[name]]
+                self.order.append((name, self.owner[name]))
+            if self.owner[name] == name:
+                x = x.detach()
+                mask = self.token_masks[self.batch]
+                if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                    x = x[mask.to(x.device)]
+                self.stats[name].add(x.reshape(-1, x.shape[-1]))
+                self._last = (args[0], name)
+            self._seen.add(name)
+            if len(self._seen) == self._count:
+                raise _Stop
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def collect_statistics(block: nn.Module, layers: Sequence[BlockLayer], method: LayerMethod, inputs: BlockInputs,
+                       index: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Run block ``index`` on every calibration batch and return ``(statistics per layer name, call order)``."""
+    watch = _StatsPass(layers, method, inputs.token_masks)
+    try:
+        for b in range(len(inputs.hidden)):
+            watch.start(b)
+            try:
+                run_block(block, inputs, index, b)
+            except _Stop:
+                pass
+    finally:
+        watch.remove()
+    return watch.stats, watch.order
+
+
+def call_groups(order: Sequence[tuple[str, str]], layers: Sequence[BlockLayer]) -> list[list[BlockLayer]]:
+    """Layers in call order, those reading one input tensor grouped (q/k/v; o; gate/up; down); layers the
+    block never called come last, one group."""
+    by_name = {layer.name: layer for layer in layers}
+    groups: list[list[BlockLayer]] = []
+    owners: list[str] = []
+    for name, owner in order:
+        if owners and owners[-1] == owner:
+            groups[-1].append(by_name[name])
+        else:
+            groups.append([by_name[name]])
+            owners.append(owner)
+    seen = {name for name, _ in order}
+    rest = [layer for layer in layers if layer.name not in seen]
+    return groups + ([rest] if rest else [])
 
 
 def _attach_stats(layers: Sequence[BlockLayer], method: LayerMethod, token_masks: list, current: list[int]):
+    """Forward hooks accumulating every layer's inputs (for full-model passes: layers outside the blocks)."""
     stats, handles = {}, []
     for layer in layers:
         acc = method.statistics(layer.in_features, _device(layer.module))
         stats[layer.name] = acc
-        handles.append(layer.module.register_forward_hook(_stats_hook(acc, token_masks, current)))
+
+        def hook(module, args, output, acc=acc):
+            x = args[0].detach()
+            mask = token_masks[current[0]]
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]
+            acc.add(x.reshape(-1, x.shape[-1]))
+
+        handles.append(layer.module.register_forward_hook(hook))
     return stats, handles
 
 
@@ -257,20 +347,40 @@ def prune_block(
     pattern,
     inputs: BlockInputs | None,
     index: int,
+    mode: str = "block",
 ) -> list[LayerRecord]:
-    """Collect the block's layer statistics on ``inputs``, then prune every layer of the block."""
-    stats: dict[str, Any] = {}
-    if method.needs_data:
-        current = [0]
-        stats, handles = _attach_stats(layers, method, inputs.token_masks, current)
-        try:
-            for b in range(len(inputs.hidden)):
-                current[0] = b
-                run_block(block, inputs, index, b)
-        finally:
-            for handle in handles:
-                handle.remove()
-    return prune_layers(model, block, layers, method, sparsity, pattern, stats)
+    """Collect the block's layer statistics on ``inputs``, then prune its layers.
+
+    ``mode="block"``: one statistics pass on the dense block, then every layer is pruned. ``mode="layer"``
+    (true sequential): the layers are pruned group by group in call order (q/k/v, o, gate/up, down), each
+    group's statistics collected with the groups before it already pruned.
+    """
+    if not method.needs_data:
+        return prune_layers(model, block, layers, method, sparsity, pattern, {})
+    if mode == "block":
+        stats, _ = collect_statistics(block, layers, method, inputs, index)
+        return prune_layers(model, block, layers, method, sparsity, pattern, stats)
+    # The call order from one batch (the pass stops at the last layer), then one pass per group.
+    probe = BlockInputs(inputs.hidden[:1], inputs.args, inputs.kwargs, inputs.token_masks[:1],
+                        inputs.hidden_as_kwarg, inputs.tuple_output)
+    _, order = collect_statistics(block, layers, _NoStats(), probe, index)
+    records = []
+    for group in call_groups(order, layers):
+        stats, _ = collect_statistics(block, group, method, inputs, index)
+        records += prune_layers(model, block, group, method, sparsity, pattern, stats)
+    return records
+
+
+class _NoStats(LayerMethod):
+    """A method that only lets the statistics pass record the call order."""
+
+    def statistics(self, in_features, device):
+        return _Ignore()
+
+
+class _Ignore:
+    def add(self, x: Tensor) -> None:
+        pass
 
 
 def prune_outside(
@@ -301,20 +411,24 @@ def prune_sequential(
     blocks: nn.ModuleList,
     layers: Sequence[Sequence[BlockLayer]],
     method: LayerMethod,
-    sparsity: float,
+    sparsity: float | Sequence[float],
     pattern,
     batches: Sequence[Mapping] | None,
     progress: Callable[[int, int, float], None] | None = None,
     outside: Sequence[BlockLayer] = (),
+    mode: str = "block",
 ) -> list[BlockRecord]:
-    """Prune every block in order; ``layers[i]`` are block ``i``'s targets (already validated). Layers in
-    ``outside`` (not in any block) are pruned last, as one more step of the progress."""
+    """Prune every block in order; ``layers[i]`` are block ``i``'s targets (already validated), pruned to
+    ``sparsity`` (one number, or one per block). Layers in ``outside`` (not in any block) are pruned last, at
+    the mean sparsity, as one more step of the progress. ``mode``: see :func:`prune_block`."""
+    per_block = [float(sparsity)] * len(blocks) if isinstance(sparsity, (int, float)) else [float(s) for s in sparsity]
     inputs = capture_block_inputs(model, blocks, batches) if method.needs_data else None
     steps = len(blocks) + (1 if outside else 0)
     records = []
     for i, block in enumerate(blocks):
         start = time.perf_counter()
-        layer_records = prune_block(model, block, layers[i], method, sparsity, pattern, inputs, i) if layers[i] else []
+        layer_records = (prune_block(model, block, layers[i], method, per_block[i], pattern, inputs, i, mode)
+                         if layers[i] else [])
         if inputs is not None and i < len(blocks) - 1:
             for b in range(len(inputs.hidden)):
                 inputs.hidden[b] = run_block(block, inputs, i, b).detach()
@@ -325,7 +439,8 @@ def prune_sequential(
     if outside:
         del inputs
         start = time.perf_counter()
-        layer_records = prune_outside(model, outside, method, sparsity, pattern, batches)
+        mean = sum(per_block) / len(per_block)
+        layer_records = prune_outside(model, outside, method, mean, pattern, batches)
         seconds = time.perf_counter() - start
         records.append(BlockRecord(len(blocks), seconds, layer_records))
         if progress is not None:

@@ -30,11 +30,20 @@ from .methods import LLM_METHODS, LayerMethod, LayerResult
 __all__ = ["Hessian", "sparsegpt", "SparseGPT"]
 
 
+#: column panels of the symmetric Hessian update (below this width, one full product)
+_PANEL = 512
+
+
 class Hessian:
-    """``H = 2 X X^T / n`` over every input token seen, updated as a running mean (float32)."""
+    """``H = 2 X X^T / n`` over every input token seen, updated as a running mean (float32).
+
+    Only the lower triangle is accumulated, in column panels (about 40% fewer flops than the full
+    product for wide inputs); each entry is bit-for-bit the one the full product gives. :attr:`H` mirrors
+    it into the full symmetric matrix when read (SparseGPT's Cholesky only reads the lower triangle).
+    """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._H: Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
@@ -42,10 +51,28 @@ class Hessian:
         n = x.shape[0]
         if n == 0:
             return
-        self.H.mul_(self.tokens / (self.tokens + n))
+        H = self._H
+        H.mul_(self.tokens / (self.tokens + n))
         self.tokens += n
         x = x * math.sqrt(2.0 / self.tokens)
-        self.H.addmm_(x.t(), x)
+        cols = H.shape[0]
+        if cols <= _PANEL:
+            H.addmm_(x.t(), x)
+            return
+        for i in range(0, cols, _PANEL):
+            H[i:, i : i + _PANEL].addmm_(x[:, i:].t(), x[:, i : i + _PANEL])
+
+    @property
+    def H(self) -> Tensor:
+        """The full symmetric ``(in, in)`` Hessian (its strict upper triangle is filled from the lower one)."""
+        H = self._H
+        for i in range(0, H.shape[0] - _PANEL, _PANEL):  # the diagonal panels are full already
+            H[i : i + _PANEL, i + _PANEL :] = H[i + _PANEL :, i : i + _PANEL].t()
+        return H
+
+    @H.setter
+    def H(self, value: Tensor) -> None:
+        self._H = value
 
 
 def _inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
@@ -108,7 +135,6 @@ def sparsegpt(
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
@@ -137,15 +163,16 @@ def sparsegpt(
                     tmp = tmp.masked_fill(old1[:, i : i + prune_m], float("-inf"))
                 drop = torch.topk(tmp, prune_m - prune_n, dim=1, largest=False).indices
                 mask1.scatter_(1, i + drop, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            losses += ((w - q).square() / d.square()).to(torch.float64)
+            q = w.masked_fill(mask1[:, i], 0)
             err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            # Column i becomes q; the later columns get the rank-one update (the same products as the
+            # reference's update of columns i..end, whose column i is then overwritten by q anyway).
+            W1[:, i + 1 :] -= err1.unsqueeze(1).matmul(Hinv1[i, i + 1 :].unsqueeze(0))
+            W1[:, i] = q
             Err1[:, i] = err1
 
-        W[:, i1:i2] = Q1
+        losses += Err1.to(torch.float64).square().sum(dim=1)
+        W[:, i1:i2] = W1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
@@ -178,5 +205,4 @@ class SparseGPT(LayerMethod):
         new, keep, loss = sparsegpt(
             weight, stats.H, sparsity, n, m, blocksize=self.blocksize, percdamp=self.percdamp, kept=kept
         )
-        del stats.H
         return LayerResult(keep, new, loss)

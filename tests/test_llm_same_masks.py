@@ -70,7 +70,7 @@ def _old_sparsegpt(weight, H, sparsity, blocksize=128, percdamp=0.01):
 
 def test_panelled_hessian_is_bit_identical_in_the_lower_triangle_and_symmetric():
     torch.manual_seed(0)
-    xs = [torch.randn(3, 40, 1100) for _ in range(3)]  # 1100 > one 512-wide panel
+    xs = [torch.randn(3, 40, 1100) for _ in range(3)]  # 1100 > four 256-wide panels
     h = Hessian(1100)
     for x in xs:
         h.add(x)

@@ -113,3 +113,94 @@ def test_finalized_model_saves_without_masks(tmp_path):
     zeros = float((fresh[0].weight == 0).float().mean())
     assert zeros == pytest.approx(sparsity["0.weight"])
     assert masking.masks(model) == {}
+
+
+# --- the file is the truth; corrupt and truncated files; meta-device models ---------------------
+
+
+def test_load_removes_masks_the_file_does_not_have(tmp_path):
+    dense = net()
+    dense.eval()
+    pk.save(dense, tmp_path / "dense.safetensors")
+    model = net()
+    pk.prune(model, 0.5, scope="local")
+    pk.load(model, tmp_path / "dense.safetensors")
+    assert pk.masks(model) == {}
+    assert pk.sparsity(model) == 0.0
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model(x), dense(x))
+
+
+def test_load_of_a_file_masking_some_layers(tmp_path):
+    source = net()
+    pk.prune(source, 0.7, targets=["4.weight"])
+    pk.save(source, tmp_path / "partial.safetensors")
+    model = net()
+    pk.prune(model, 0.5, scope="local")  # masks 0.weight and 4.weight
+    pk.load(model, tmp_path / "partial.safetensors")
+    assert set(pk.masks(model)) == {"4.weight"}
+    assert torch.equal(pk.masks(model)["4.weight"], pk.masks(source)["4.weight"])
+    source.eval(), model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model(x), source(x))
+
+
+@pytest.mark.parametrize("format", ["dense", "sparse"])
+def test_flipped_bytes_in_the_data_are_detected(tmp_path, format):
+    path = pk.save(trained_pruned(), tmp_path / "m.safetensors", format=format)
+    raw = bytearray(path.read_bytes())
+    raw[-20] ^= 0x10  # one bit of the last tensor's data
+    path.write_bytes(bytes(raw))
+    model = net()
+    with pytest.raises(ValueError, match=r"m.safetensors is corrupt: its tensors do not match the checksum"):
+        pk.load(model, path)
+    assert pk.masks(model) == {}
+    if format == "dense":
+        pk.load(model, path, verify=False)  # the flag skips the check
+    else:  # unchecked, a flipped bit of a packed mask surfaces when decoding, naming the file
+        with pytest.raises(ValueError, match=str(path)):
+            pk.load(model, path, verify=False)
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    path = pk.save(trained_pruned(), tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    for cut in (len(data) - 100, 30, 4):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"{path} is not a readable safetensors file"):
+            pk.load(net(), path)
+
+
+def test_load_into_a_meta_model_materialises_it(tmp_path):
+    model = trained_pruned()
+    model.eval()
+    pk.save(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        empty = net()
+    pk.load(empty, tmp_path / "m.safetensors")
+    assert not any(t.is_meta for t in empty.state_dict().values())
+    empty.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(empty(x), model(x))
+    for name, mask in pk.masks(model).items():
+        assert torch.equal(pk.masks(empty)[name], mask)
+
+
+def test_load_into_a_meta_model_refuses_what_it_cannot_fill(tmp_path):
+    pk.save(net(), tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        empty = net()
+    with pytest.raises(ValueError, match="meta device: only strict=True"):
+        pk.load(empty, tmp_path / "m.safetensors", strict=False)
+    empty.register_buffer("cache", torch.zeros(3, device="meta"), persistent=False)
+    with pytest.raises(ValueError, match="non-persistent buffer 'cache' is in no file"):
+        pk.load(empty, tmp_path / "m.safetensors")
+    assert all(t.is_meta for t in empty.parameters())
+
+
+def test_load_needs_a_module(tmp_path):
+    with pytest.raises(TypeError, match="load needs an nn.Module"):
+        pk.load("model", tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match="save needs an nn.Module"):
+        pk.save({"a": torch.zeros(1)}, tmp_path / "m.safetensors")

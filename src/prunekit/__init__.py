@@ -9,7 +9,7 @@ Pruning is four choices: what goes (granularity), how it is scored (method), whe
 """
 
 from . import criteria, granularity, masking, metrics, schedules, scope  # noqa: F401
-from .masking import finalize, from_torch_prune, masks, sparsity, to_torch_prune
+from .masking import finalize, from_torch_prune, masks, restore_masks, sparsity, to_torch_prune
 from .metrics import summary
 from .pruner import Pruner
 from .pruning import PruneReport, prune
@@ -37,6 +37,7 @@ __all__ = [
     "masks",
     "sparsity",
     "finalize",
+    "restore_masks",
     "save",
     "load",
     "summary",

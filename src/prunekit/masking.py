@@ -9,6 +9,16 @@ mechanism is a standard parametrization, ``copy.deepcopy``, ``state_dict``, opti
 Parameters are named the way users know them (``"fc1.weight"``), never by the parametrization's
 internal path (``"fc1.parametrizations.weight.original"``).
 
+**State dicts.** A masked model's ``state_dict()`` has exactly the keys of the dense model (``fc1.weight``),
+so ``torch.save``, ``save_pretrained``, trainers' checkpoints and ``load_state_dict`` into an unpruned
+instance all just work. The mask travels inside the weight: pruned entries are stored as ``-0.0`` (the
+*mark*), kept entries that are zero as ``+0.0``. Both are zero, so a plain model computes exactly what the
+masked one did; :func:`restore_masks` (or loading into a model that has masks) turns the marks back into
+masks. Loading into a masked model: a state dict with marks replaces the mask (the state dict is the
+truth); a plain dense one keeps the mask (like ``torch.nn.utils.prune``, so weight rewinding works) and
+its pruned entries are zeroed. Only a parameter whose sole parametrization is the mask is written this
+way; one with further parametrizations (regularizer gates) keeps torch's own layout.
+
 This module is called ``masking`` rather than ``masks`` because ``prunekit.masks(model)`` is a function
 of the public API, and a submodule of the same name would shadow it.
 """
@@ -36,6 +46,7 @@ __all__ = [
     "parameter_owners",
     "named_effective_tensors",
     "load_masked_state_dict",
+    "restore_masks",
     "from_torch_prune",
     "to_torch_prune",
 ]
@@ -212,6 +223,7 @@ def attach(
             _own_class(owner.module)
             with keep_gradient_accumulator():
                 parametrize.register_parametrization(owner.module, owner.param_name, existing, unsafe=True)
+            _install_state_dict_hooks(owner.module)
     with torch.no_grad():
         param.masked_fill_(~existing.mask, 0)
     return existing.mask
@@ -257,6 +269,121 @@ def get_mask(model: nn.Module, qualified_name: str, owners: Sequence[Owner] | No
     return None
 
 
+# --- state dicts: dense keys, masks marked as -0.0 ------------------------------------------------
+
+
+def _sole_mask(module: nn.Module, name: str) -> PruningMask | None:
+    """The mask of ``module.name`` when it is the parameter's only parametrization."""
+    plist = module.parametrizations[name]
+    return plist[0] if len(plist) == 1 and isinstance(plist[0], PruningMask) else None
+
+
+def _sole_masks(module: nn.Module) -> list[tuple[str, PruningMask]]:
+    if not parametrize.is_parametrized(module):
+        return []
+    return [(n, pm) for n in module.parametrizations.keys() if (pm := _sole_mask(module, n)) is not None]
+
+
+def marks(value: Tensor) -> Tensor:
+    """Where ``value`` holds the mark of a pruned entry: ``-0.0`` (zero with the sign bit set)."""
+    return (value == 0) & torch.signbit(value)
+
+
+def _mark_in_place(value: Tensor, mask: Tensor) -> None:
+    """Store pruned entries as ``-0.0`` and kept zeros as ``+0.0``; neither changes what is computed."""
+    with torch.no_grad():
+        if value.is_meta:
+            return
+        value.add_(0.0)  # -0.0 + 0.0 = +0.0; every other value unchanged
+        value.masked_fill_(~mask, -0.0)
+
+
+def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    masked = _sole_masks(module)
+    if not masked:
+        return
+    # this module's entries are the last ones written, all under ``prefix``
+    tail = []
+    for key in reversed(state_dict):
+        if not key.startswith(prefix):
+            break
+        tail.append(key)
+    own = {key: state_dict.pop(key) for key in reversed(tail)}
+    dense = {}
+    for name, pm in masked:
+        original = own.pop(f"{prefix}parametrizations.{name}.original", None)
+        own.pop(f"{prefix}parametrizations.{name}.0.mask", None)
+        if original is None:
+            continue
+        # in place on the stored parameter: no copy of the model's weights just to save them
+        _mark_in_place(original, pm.mask)
+        dense[prefix + name] = original
+    state_dict.update(dense)
+    state_dict.update(own)
+
+
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    for name, pm in _sole_masks(module):
+        key, original_key = prefix + name, f"{prefix}parametrizations.{name}.original"
+        mask_key = f"{prefix}parametrizations.{name}.0.mask"
+        if key not in state_dict or original_key in state_dict:
+            continue  # missing, or torch's own parametrized layout (loads as it is)
+        value = state_dict.pop(key)
+        mask = pm.mask
+        if isinstance(value, Tensor) and not value.is_meta and tuple(value.shape) == tuple(mask.shape):
+            found = marks(value)
+            if bool(found.any()):
+                mask = ~found.to(mask.device)  # saved from a masked model: its mask is the truth
+            else:  # a dense state dict: the mask stays, its pruned entries are zeroed
+                value = torch.where(mask.to(value.device), value, torch.zeros((), dtype=value.dtype).neg())
+        state_dict[original_key] = value
+        state_dict.setdefault(mask_key, mask)
+
+
+def _load_post_hook(module: nn.Module, incompatible) -> None:
+    """Report a masked parameter missing from a state dict by its dense name, not torch's internal ones."""
+    missing = incompatible.missing_keys
+    renamed = []
+    for key in missing:
+        if _PARAMETRIZED in "." + key and key.endswith(".0.mask"):
+            continue
+        renamed.append(clean_name(key) if key.endswith(".original") else key)
+    missing[:] = list(dict.fromkeys(renamed))
+
+
+def _install_state_dict_hooks(module: nn.Module) -> None:
+    if getattr(module, "_prunekit_state_hooks", False):
+        return
+    module.register_state_dict_post_hook(_state_dict_post_hook)
+    module.register_load_state_dict_pre_hook(_load_pre_hook)
+    module.register_load_state_dict_post_hook(_load_post_hook)
+    module._prunekit_state_hooks = True
+
+
+def restore_masks(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Attach a mask wherever a parameter holds marks of pruned entries (``-0.0``), as a masked model's
+    ``state_dict`` writes them: after ``load_state_dict`` or ``from_pretrained`` into an unpruned model,
+    this gives back the masks. ``names`` limits it to those parameters. Parameters that already have a
+    mask keep it. Returns the masks attached."""
+    attached = {}
+    owners = parameter_owners(model)
+    wanted = None if names is None else set(names)
+    for owner_list in owners.values():
+        first = owner_list[0]
+        name = first.qualified_name
+        if wanted is not None and name not in wanted:
+            continue
+        param = raw_parameter(first.module, first.param_name)
+        if not param.is_floating_point() or param.is_meta or param.numel() == 0:
+            continue
+        if any(_mask_module(o.module, o.param_name) is not None for o in owner_list):
+            continue
+        found = marks(param.detach())
+        if bool(found.any()):
+            attached[name] = attach(model, name, ~found, copy=False, owners=owner_list)
+    return attached
+
+
 def _masked(model: nn.Module) -> Iterator[tuple[str, list[Owner], PruningMask]]:
     for owner_list in parameter_owners(model).values():
         for owner in owner_list:
@@ -274,15 +401,48 @@ def masks(model: nn.Module) -> dict[str, Tensor]:
     return {name: pm.mask for name, _, pm in _masked(model)}
 
 
-def sparsity(model: nn.Module, per_layer: bool = False) -> float | dict[str, float]:
-    """Fraction of masked entries that are pruned, over all masked parameters (or per parameter)."""
+SPARSITY_COUNTS = ("auto", "masks", "zeros")
+
+
+def sparsity(model: nn.Module, per_layer: bool = False, count: str = "auto") -> float | dict[str, float]:
+    """How sparse the model is: a fraction over the counted parameters, or one per parameter.
+
+    ``count`` says what is counted:
+
+    ``"masks"``
+        entries pruned by a mask, over the masked parameters (0.0 when there are none);
+    ``"zeros"``
+        entries that are zero in the forward pass (pruned by a mask, or stored as zero), over the masked
+        parameters and every parameter with two or more dimensions (the weights of Linear, Conv and
+        Embedding layers; biases and normalisation parameters only when masked);
+    ``"auto"`` (default)
+        ``"masks"`` when the model has masks, else ``"zeros"``: a pruned model reports its sparsity
+        after ``pk.finalize`` and after loading into an unpruned instance too.
+
+    ``per_layer=True`` gives ``{"fc.weight": fraction}``, one entry per parameter (a layer's weight and
+    bias apart; ``pk.summary`` instead gives one row per layer, all its parameters together).
+    """
+    if count not in SPARSITY_COUNTS:
+        raise ValueError(f"count must be one of {', '.join(SPARSITY_COUNTS)}, not {count!r}")
     found = masks(model)
+    if count == "auto":
+        count = "masks" if found else "zeros"
+    sizes: dict[str, tuple[int, int]] = {}  # name -> (zero entries, entries)
+    if count == "masks":
+        sizes = {name: (m.numel() - int(m.count_nonzero()), m.numel()) for name, m in found.items()}
+    else:
+        with torch.no_grad():
+            for owner_list in parameter_owners(model).values():
+                first = owner_list[0]
+                name = first.qualified_name
+                value = getattr(first.module, first.param_name)
+                if (name not in found and value.dim() < 2) or value.is_meta:
+                    continue
+                sizes[name] = (value.numel() - int(torch.count_nonzero(value)), value.numel())
     if per_layer:
-        return {name: 1.0 - int(m.count_nonzero()) / m.numel() for name, m in found.items()}
-    total = sum(m.numel() for m in found.values())
-    if total == 0:
-        return 0.0
-    return 1.0 - sum(int(m.count_nonzero()) for m in found.values()) / total
+        return {name: zeros / n if n else 0.0 for name, (zeros, n) in sizes.items()}
+    total = sum(n for _, n in sizes.values())
+    return sum(z for z, _ in sizes.values()) / total if total else 0.0
 
 
 def remove(model: nn.Module, qualified_name: str) -> None:
@@ -305,6 +465,14 @@ def remove(model: nn.Module, qualified_name: str) -> None:
             owner.module._parameters[owner.param_name] = shared
 
 
+def removable(model: nn.Module, qualified_name: str) -> bool:
+    """Whether :func:`remove` can take this parameter's mask off (no other parametrization on it)."""
+    return all(
+        _mask_module(o.module, o.param_name) is None or len(o.module.parametrizations[o.param_name]) == 1
+        for o in _owners_of(model, qualified_name)
+    )
+
+
 def finalize(model: nn.Module) -> nn.Module:
     """Bake every mask into the weights and leave a plain model (pruned entries are stored zeros)."""
     for name in list(masks(model)):
@@ -319,23 +487,26 @@ def named_effective_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         yield owner.qualified_name, getattr(owner.module, owner.param_name)
 
 
-def masked_state_dict_keys(model: nn.Module) -> dict[str, str]:
-    """Map each ``...parametrizations.W.original`` state-dict key to its clean name."""
-    return {k: clean_name(k) for k in model.state_dict() if k.endswith(".original")}
-
-
 def load_masked_state_dict(model: nn.Module, state_dict: dict[str, Tensor], strict: bool = True):
-    """Load a state dict saved from a masked model into ``model``, masked or not.
+    """Load a state dict saved from a masked model into ``model``, masked or not, masks included.
 
-    Masks found in the state dict (``...parametrizations.W.0.mask``) are attached first, so a fresh,
-    unpruned instance of the same architecture can receive it.
+    The state dict's marks (``-0.0``, see the module docstring) become masks of the parameters that have
+    none; torch's parametrized layout (``...parametrizations.W.original`` / ``.0.mask``, written by
+    prunekit before 0.2) is read too. Returns what ``load_state_dict`` returns.
     """
     for key, value in state_dict.items():
         if key.endswith(".0.mask") and _PARAMETRIZED in "." + key:
             name = clean_name(key[: -len(".0.mask")] + ".original")
             if get_mask(model, name) is None:
                 attach(model, name, value)
-    return model.load_state_dict(state_dict, strict=strict)
+    result = model.load_state_dict(state_dict, strict=strict)
+    marked = [k for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point() and k in _names(model)]
+    restore_masks(model, marked)
+    return result
+
+
+def _names(model: nn.Module) -> set[str]:
+    return {owner.qualified_name for owners in parameter_owners(model).values() for owner in owners}
 
 
 # --- interoperability with torch.nn.utils.prune ------------------------------------------------

@@ -92,6 +92,8 @@ class PruningSpec:
         max_layer_sparsity: float | None = None,
         seed: int = 0,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"prunekit prunes a torch nn.Module; got {type(model).__name__}")
         model = distributed.unwrap(model)  # a DDP-wrapped model is pruned through the module inside
         self.model = model
         self.criterion = get_criterion(method)
@@ -107,7 +109,16 @@ class PruningSpec:
             None if max_layer_sparsity is None else _check_cap(max_layer_sparsity)
         )
         self.seed = int(seed)
-        self.targets: list[Target] = resolve_targets(model, targets, exclude)
+        resolved = resolve_targets(model, targets, exclude)
+        on_meta = [t.name for t in resolved if t.parameter.is_meta]
+        if on_meta:
+            raise ValueError(
+                f"{', '.join(on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} on the meta device: there are no "
+                "weights to score; load them first (pk.load materialises a meta model)"
+            )
+        self.targets: list[Target] = [t for t in resolved if t.numel() > 0]  # nothing to prune in an empty one
+        if not self.targets:
+            raise ValueError(f"every target is empty (zero entries): {', '.join(t.name for t in resolved[:3])}")
         for target in self.targets:
             self.granularity.check(target)
         if isinstance(self.scope, PerLayer):  # every pattern of a per-layer dict must hit a target
@@ -195,6 +206,10 @@ class PruningSpec:
         rows = []
         if distributed.is_distributed():  # rank 0 decides, so every replica keeps the same weights
             new_masks = distributed.broadcast_masks({t.name: new_masks[t.name] for t in self.targets})
+        for target in self.targets:  # everything checked before the first mask changes
+            mask = new_masks[target.name]
+            if tuple(mask.shape) != target.shape:
+                raise ValueError(f"{target.name}: new mask of shape {tuple(mask.shape)}, parameter {target.shape}")
         for target in self.targets:
             before = _fraction_pruned(target.mask(self.model))
             after_mask = masking.attach(

@@ -10,10 +10,12 @@ chunk of keys, whatever the model's size.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -293,8 +295,10 @@ def get_scope(scope: str | Mapping[str, float] | Scope) -> Scope:
 
 
 def check_sparsity(value, what: str = "sparsity") -> float:
-    """Validate a sparsity: a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Validate a sparsity: a number in [0, 1) of any real type (Python, numpy, a one-element tensor)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number in [0, 1), got {value!r}")
     if not (0.0 <= float(value) < 1.0):
         raise ValueError(f"{what} must be in [0, 1), got {value!r}")

@@ -1,4 +1,4 @@
-"""``save`` and ``load``: safetensors files with masks included; nothing is ever unpickled.
+"""``save`` and ``load``: safetensors files with masks included, checksummed; nothing is ever unpickled.
 
 The file holds every parameter and buffer under its user-facing name with pruned entries zero (so it is
 also a plain, finalized checkpoint that ``safetensors.torch.load_file`` + ``load_state_dict`` accept), plus
@@ -8,6 +8,7 @@ one ``__mask__.<name>`` bool tensor per mask. Metadata records the format versio
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -53,12 +54,29 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+CHECKSUM_KEY = "prunekit_sha256"
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (what ``save`` stores)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        if value.numel():
+            digest.update(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def save(model: nn.Module, path: str | os.PathLike, format: str = "dense", metadata: dict | None = None) -> Path:
     """Write ``model`` (weights, buffers and masks) to a safetensors file, atomically.
 
     ``format="dense"`` stores every tensor whole (a plain checkpoint plus ``__mask__.`` tensors);
     ``format="sparse"`` stores masked and mostly-zero tensors compressed (see
-    :mod:`prunekit.sparse_format`); ``load`` reads both and restores exactly the same model."""
+    :mod:`prunekit.sparse_format`); ``load`` reads both and restores exactly the same model. The
+    metadata holds a SHA-256 of the stored tensors (``prunekit_sha256``), which ``load`` verifies."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save needs an nn.Module, got {type(model).__name__}")
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r} (known: {', '.join(FORMATS)})")
     path = Path(path)
@@ -72,22 +90,49 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "dense", metad
     if format == "sparse":
         tensors, sparse_meta = sparse_format.encode(tensors)
         meta.update(sparse_meta)
-    payload = safetensors_bytes({k: v.cpu() for k, v in tensors.items()}, metadata=meta)
-    return atomic_write(path, payload)
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    meta[CHECKSUM_KEY] = checksum(tensors)
+    return atomic_write(path, safetensors_bytes(tensors, metadata=meta))
 
 
-def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+def _read(path: Path, verify: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The file's metadata and tensors; a clear error naming the file when it is not readable."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from None
+    expected = meta.get(CHECKSUM_KEY)
+    if verify and expected is not None and checksum(tensors) != expected:
+        raise ValueError(
+            f"{path} is corrupt: its tensors do not match the checksum stored when it was saved "
+            "(pass verify=False to load it anyway)"
+        )
+    return meta, tensors
+
+
+def load(model: nn.Module, path: str | os.PathLike, strict: bool = True, verify: bool = True) -> nn.Module:
     """Load a file written by ``save`` into ``model`` (a fresh instance of the same architecture, pruned
-    or not): weights, buffers and masks. Everything is checked before the model is touched."""
+    or not): weights, buffers and masks. Everything is checked before the model is touched.
+
+    The file is the truth: afterwards the model computes exactly what the saved model computed, so a
+    mask the model has but the file does not is removed. A model on the ``meta`` device is materialised
+    on the CPU from the file (``strict=True`` only: every tensor must come from it). ``verify=False``
+    skips the checksum (faster for big files)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load needs an nn.Module to load into, got {type(model).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        meta = handle.metadata() or {}
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    meta, tensors = _read(path, verify)
     if sparse_format.is_sparse(meta):
-        tensors = sparse_format.decode(tensors, meta)
+        try:
+            tensors = sparse_format.decode(tensors, meta)
+        except (ValueError, RuntimeError, IndexError) as error:
+            raise ValueError(f"{path}: {error}") from None
     masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     values = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
 
@@ -109,14 +154,27 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.M
     for name, mask in masks.items():
         if name not in values or tuple(mask.shape) != tuple(values[name].shape):
             problems.append(f"mask {name!r} does not fit a tensor of the file")
+    stale = [n for n in masking.masks(model) if n not in masks]
+    problems += [f"{n} has other parametrizations besides its mask" for n in stale if not masking.removable(model, n)]
+    on_meta = _on_meta(model)
+    if on_meta:
+        if not strict:
+            problems.append("the model is on the meta device: only strict=True can materialise it from the file")
+        problems += [f"non-persistent buffer {n!r} is in no file: materialising the meta model would lose it"
+                     for n in _volatile(model)]
     if problems:
-        raise ValueError(f"{path.name} does not fit this model: " + "; ".join(problems[:10]))
+        raise ValueError(f"{path} does not fit this model: " + "; ".join(problems[:10]))
     if meta.get("prunekit_format") not in (None, FORMAT_VERSION):
-        raise ValueError(f"{path.name} has prunekit format {meta.get('prunekit_format')}, expected {FORMAT_VERSION}")
+        raise ValueError(f"{path} has prunekit format {meta.get('prunekit_format')}, expected {FORMAT_VERSION}")
 
+    if on_meta:
+        model.to_empty(device="cpu")  # every tensor is then overwritten from the file (strict)
+    device = next(iter(model.parameters()), torch.empty(0)).device
     if structure is not None:
         structure.apply(model)
     with torch.no_grad():
+        for name in stale:  # the file is the truth: no mask it does not hold
+            masking.remove(model, name)
         for name, mask in masks.items():
             masking.attach(model, name, torch.ones_like(mask, dtype=torch.bool))
             current = masking.get_mask(model, name)
@@ -125,6 +183,20 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.M
         state = {by_key[n]: v.to(device) for n, v in values.items() if n in by_key}
         model.load_state_dict(state, strict=False)
     return model
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+
+
+def _volatile(model: nn.Module) -> list[str]:
+    """Non-persistent buffers (no file holds them), by name."""
+    out = []
+    for module_name, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            if module._buffers.get(name) is not None:
+                out.append(f"{module_name}.{name}" if module_name else name)
+    return out
 
 
 def _clean_state_shapes(model: nn.Module):

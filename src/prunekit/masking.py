@@ -100,7 +100,7 @@ def _mask_module(module: nn.Module, name: str) -> PruningMask | None:
     return None
 
 
-def _own_class(module: nn.Module) -> None:
+def own_class(module: nn.Module) -> None:
     """Give a parametrized module a class of its own before its parametrizations change.
 
     torch injects one ``Parametrized<Cls>`` class per module and ``copy.deepcopy`` shares it between the
@@ -220,7 +220,7 @@ def attach(
         existing.mask.logical_and_(mask)
     for owner in owners:
         if _mask_module(owner.module, owner.param_name) is None:
-            _own_class(owner.module)
+            own_class(owner.module)
             with keep_gradient_accumulator():
                 parametrize.register_parametrization(owner.module, owner.param_name, existing, unsafe=True)
             _install_state_dict_hooks(owner.module)
@@ -456,7 +456,7 @@ def remove(model: nn.Module, qualified_name: str) -> None:
                 f"{owner.qualified_name} has other parametrizations besides its pruning mask; "
                 "remove them first"
             )
-        _own_class(owner.module)
+        own_class(owner.module)
         parametrize.remove_parametrizations(owner.module, owner.param_name, leave_parametrized=True)
     # remove_parametrizations gives every owner its own new Parameter; re-tie them.
     if len(owners) > 1:

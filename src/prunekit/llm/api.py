@@ -35,7 +35,7 @@ class LLMPruneReport(PruneReport):
         return out
 
 
-def _rich_progress(method: str, console: Any = None) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
+def rich_progress(method: str, console: Any = None) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
     """A rich progress bar over blocks: ``(callback, stop)``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -129,7 +129,7 @@ def prune(
     # --- prune ---------------------------------------------------------------------------------------
     callback, stop = (None, None)
     if progress is True:
-        callback, stop = _rich_progress(layer_method.name)
+        callback, stop = rich_progress(layer_method.name)
     elif callable(progress):
         callback = progress
     try:

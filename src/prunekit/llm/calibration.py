@@ -79,8 +79,10 @@ def builtin_sentences(split: str = "heldout", n: int | None = None, min_words: i
     return out if n is None else out[:n]
 
 
-def _read_sources(files: Sequence[str | os.PathLike] | str | os.PathLike | None, texts: Iterable[Any] | None,
-                  text_field: str) -> str:
+def read_sources(files: Sequence[str | os.PathLike] | str | os.PathLike | None, texts: Iterable[Any] | None,
+                 text_field: str) -> str:
+    """One text: the ``files`` (UTF-8, joined by blank lines), or ``texts`` (strings, or records whose
+    ``text_field`` is taken), or, with neither, the built-in calibration text."""
     if files is not None and texts is not None:
         raise ValueError("give either files= or texts=, not both")
     if files is not None:
@@ -138,7 +140,7 @@ def calibration_data(
     """
     if num_samples < 1 or seq_len < 1:
         raise ValueError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
-    stream = tokenize_text(tokenizer, _read_sources(files, texts, text_field))
+    stream = tokenize_text(tokenizer, read_sources(files, texts, text_field))
     return sample_windows(stream, num_samples, seq_len, seed)
 
 

@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..masking import sparsity as model_sparsity
     from ..report import Column, print_table, write_json
-    from .api import _rich_progress, prune
-    from .calibration import _read_sources, builtin_sentences, builtin_text, sample_windows, tokenize_text
+    from .api import prune, rich_progress
+    from .calibration import builtin_sentences, builtin_text, read_sources, sample_windows, tokenize_text
     from .evaluation import encode
     from .hf import is_causal_lm, load_model, load_tokenizer, save_pretrained
     from .methods import parse_pattern
@@ -124,14 +124,14 @@ def run(args: argparse.Namespace) -> int:
     limit = _max_positions(model)
     seq_len = min(args.seq_len, limit) if limit else args.seq_len
 
-    stream = tokenize_text(tokenizer, _read_sources(args.calib, None, "text"))
+    stream = tokenize_text(tokenizer, read_sources(args.calib, None, "text"))
     calibration = sample_windows(stream, args.samples, seq_len, args.seed)
     if causal:
-        eval_text = _read_sources(args.eval, None, "text") if args.eval else builtin_text("heldout")
+        eval_text = read_sources(args.eval, None, "text") if args.eval else builtin_text("heldout")
         eval_data = tokenize_text(tokenizer, eval_text)[: args.eval_tokens]
     else:
         if args.eval:
-            sentences = [s for s in _read_sources(args.eval, None, "text").splitlines() if s.strip()]
+            sentences = [s for s in read_sources(args.eval, None, "text").splitlines() if s.strip()]
         else:
             sentences = builtin_sentences("heldout", n=256)
         eval_data = encode(tokenizer, sentences, max_length=seq_len)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     before = _evaluate(model, causal, eval_data, seq_len, args.batch_size)
     callback, stop = (None, None)
     if not args.no_progress:
-        callback, stop = _rich_progress(args.method, console=err)
+        callback, stop = rich_progress(args.method, console=err)
     try:
         report = prune(model, calibration, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                        exclude=args.exclude, batch_size=args.batch_size, progress=callback or False)

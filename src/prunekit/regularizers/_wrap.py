@@ -15,7 +15,7 @@ def attach_parametrization(target: Target, parametrization: nn.Module) -> None:
     """Append ``parametrization`` to the target's parametrizations (after any pruning mask)."""
     for owner in target.owners:
         if not parametrize.is_parametrized(owner.module):
-            masking._own_class(owner.module)
+            masking.own_class(owner.module)
         with masking.keep_gradient_accumulator():  # DDP keeps averaging the parameter's gradients
             parametrize.register_parametrization(owner.module, owner.param_name, parametrization, unsafe=True)
 
@@ -27,7 +27,7 @@ def detach_parametrization(target: Target, parametrization: nn.Module) -> None:
             continue
         plist = owner.module.parametrizations[owner.param_name]
         if len(plist) == 1 and plist[0] is parametrization:
-            masking._own_class(owner.module)
+            masking.own_class(owner.module)
             parametrize.remove_parametrizations(owner.module, owner.param_name, leave_parametrized=False)
             continue
         for i in reversed(range(len(plist))):

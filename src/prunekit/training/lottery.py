@@ -147,7 +147,7 @@ def _reset_module_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     twin = copy.deepcopy(module)
     for sub in twin.modules():
         if parametrize.is_parametrized(sub):
-            masking._own_class(sub)
+            masking.own_class(sub)
             for name in list(sub.parametrizations.keys()):
                 parametrize.remove_parametrizations(sub, name, leave_parametrized=False)
     twin.reset_parameters()

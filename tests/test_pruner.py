@@ -121,3 +121,31 @@ def test_n_m_pruner_applies_the_pattern():
     report = pruner.step()
     assert report.sparsity == 0.5
     assert (pk.masks(model)["0.weight"].reshape(8, 2, 4).sum(-1) == 2).all()
+
+
+def test_one_request_description_and_the_pruner_contract():
+    import dataclasses
+    import inspect
+
+    from prunekit.pruning import PruningOptions, PruningPlan, PruningSpec
+
+    fields = [f.name for f in dataclasses.fields(PruningOptions)]
+    assert list(inspect.signature(pk.prune).parameters) == ["model", "sparsity", *fields]
+    assert list(inspect.signature(pk.Pruner).parameters) == ["model", "schedule", *fields, "structured"]
+    model = mlp()
+    masked = PruningSpec(model, PruningOptions(method="random", scope="local"))
+    structured = pk.structured.StructuredSpec(model, torch.randn(2, 10), method="l1")
+    for plan in (masked, structured):
+        assert isinstance(plan, PruningPlan)
+    assert masked.gradient_targets == masked.targets and structured.gradient_targets == ()
+    assert PruningSpec(model, "taylor").gradient_needs == frozenset({"grad_sq"})
+    assert structured.gradient_needs == frozenset() and structured.fixed_sparsity is None
+    assert PruningSpec(nn.Sequential(nn.Linear(8, 8)), granularity="2:4").fixed_sparsity == 0.5
+    with pytest.raises(TypeError, match=r"Pruner\(\) got an unexpected keyword argument 'sparsty'; did you mean "
+                                        r"'max_layer_sparsity'\? \(it takes: method, granularity"):
+        pk.Pruner(model, OneShot(0.5), sparsty=0.5)
+    with pytest.raises(TypeError, match=r"prune\(\) got an unexpected keyword argument 'metod'; did you mean 'method'"):
+        pk.prune(model, 0.5, metod="random")
+    with pytest.raises(ValueError, match="method would not be used"):
+        pk.Pruner(model, OneShot(0.5), structured=structured, method="taylor")
+    assert pk.masks(model) == {}

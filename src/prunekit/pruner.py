@@ -13,62 +13,51 @@ call ``step()`` before the gradients are zeroed). Movement scores accumulate ove
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import inspect
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .criteria import Criterion
-from .granularity import NM, Granularity
-from .pruning import PruneReport, PruningSpec
+from .pruning import PruneReport, PruningOptions, PruningPlan, PruningSpec, options_signature
 from .schedules import Schedule
-from .scope import Scope
-from .statistics import LossFn, TargetStatistics
+from .statistics import TargetStatistics
 
 __all__ = ["Pruner"]
 
 
 class Pruner:
-    """Applies ``schedule`` to ``model`` with the given method, granularity and scope (see ``prune``)."""
+    """Applies ``schedule`` to ``model``: with masks as described by the keyword arguments (the fields of
+    :class:`~prunekit.pruning.PruningOptions`, as for ``prune``), or with ``structured=``, any
+    :class:`~prunekit.pruning.PruningPlan` such as ``pk.structured.StructuredSpec(model, example_inputs,
+    method=..., scope=...)``, which prunes whole channel groups (as channel masks, made physical
+    afterwards by ``spec.compact()``) and carries its own method and scope."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        schedule: Schedule,
-        method: str | Criterion = "magnitude",
-        granularity: str | Granularity = "element",
-        scope: str | Mapping[str, float] | Scope = "global",
-        targets: Iterable[str | type[nn.Module]] | str | None = None,
-        exclude: Iterable[str] | str = (),
-        data: Iterable | None = None,
-        loss_fn: LossFn | None = None,
-        *,
-        group_norm: str = "l1",
-        max_layer_sparsity: float | None = None,
-        seed: int = 0,
-        max_batches: int | None = None,
-        structured: object | None = None,
-    ) -> None:
-        """``structured=pk.structured.StructuredSpec(model, example_inputs, method=..., scope=...)`` prunes
-        whole channel groups (as channel masks, made physical afterwards by ``spec.compact()``); the
-        spec then carries the method and scope, and the arguments above it are not used."""
+    def __init__(self, model: nn.Module, schedule: Schedule, *, structured: PruningPlan | None = None,
+                 **options: Any) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a prunekit schedule (OneShot, Iterative, AGP), got {schedule!r}")
-        if structured is not None and getattr(structured, "model", None) is not model:
-            raise ValueError("structured= must be a prunekit.structured.StructuredSpec built on this model")
-        self.spec = structured if structured is not None else PruningSpec(
-            model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
+        request = PruningOptions.from_kwargs("Pruner", options)
+        if structured is not None:
+            if not isinstance(structured, PruningPlan) or getattr(structured, "model", None) is not model:
+                raise ValueError("structured= must be a prunekit.structured.StructuredSpec built on this model")
+            unused = sorted(k for k in options if k not in ("data", "loss_fn", "max_batches"))
+            if unused:
+                raise ValueError(f"with structured=, the spec carries the method and scope; {', '.join(unused)} "
+                                 "would not be used (give them to the StructuredSpec)")
+        self.spec: PruningPlan = structured if structured is not None else PruningSpec(model, request)
         self.schedule = schedule
         self.spec.check_sparsity(schedule.final)  # N:M: the schedule must say the pattern's sparsity
-        if data is None and "fisher" in getattr(self.spec.criterion, "needs", ()):
+        if request.data is None and "fisher" in self.spec.gradient_needs:
             raise ValueError(
                 f"method {self.spec.method_name!r} needs per-sample gradients, which training steps do not "
                 "give: pass the Pruner calibration batches with data="
             )
-        self.data, self.loss_fn, self.max_batches = data, loss_fn, max_batches
+        self.data, self.loss_fn, self.max_batches = request.data, request.loss_fn, request.max_batches
         self.step_count = 0
         self.history: list[PruneReport] = []
-        self._running: dict[str, TargetStatistics] = {t.name: TargetStatistics() for t in self.spec.targets}
+        self._running: dict[str, TargetStatistics] = {t.name: TargetStatistics() for t in self.spec.gradient_targets}
 
     @property
     def model(self) -> nn.Module:
@@ -80,17 +69,17 @@ class Pruner:
         return self.schedule.at(max(self.step_count - 1, 0))
 
     def _observe_gradients(self) -> None:
-        needs = self.spec.criterion.needs
+        needs = self.spec.gradient_needs
         if not needs or (self.data is not None and "movement" not in needs):
             return
         with torch.no_grad():
-            for target in self.spec.targets:
+            for target in self.spec.gradient_targets:
                 grad = target.parameter.grad
                 if grad is not None:
                     self._running[target.name].add(grad, target.value, needs)
 
     def _statistics(self) -> Mapping[str, TargetStatistics] | None:
-        needs = self.spec.criterion.needs
+        needs = self.spec.gradient_needs
         if not needs:
             return None
         if self.data is not None and "movement" not in needs:
@@ -108,7 +97,7 @@ class Pruner:
         self._observe_gradients()
         report = None
         if self.schedule.is_prune_step(step) and self.schedule.at(step) > 0:
-            sparsity = None if isinstance(self.spec.granularity, NM) else self.schedule.at(step)
+            sparsity = None if self.spec.fixed_sparsity is not None else self.schedule.at(step)
             stats = self._statistics()
             with torch.no_grad():
                 rows = self.spec.apply(self.spec.compute_masks(sparsity, stats, self.data))
@@ -132,3 +121,10 @@ class Pruner:
             if name not in self._running:
                 raise KeyError(f"the checkpoint has movement scores for {name!r}, which this Pruner does not prune")
             self._running[name].movement = value.clone()
+
+
+options_signature(Pruner.__init__, PruningOptions, [
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+    inspect.Parameter("schedule", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Schedule"),
+], [inspect.Parameter("structured", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="PruningPlan | None")])

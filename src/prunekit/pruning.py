@@ -1,13 +1,18 @@
 """``prunekit.prune``: criterion x granularity x scope, applied as masks.
 
-``PruningSpec`` validates every choice once (so nothing changes on bad input) and computes new masks;
-``prune`` is the one-shot call, and ``Pruner`` (pruner.py) reuses the same spec on a schedule.
+:class:`PruningOptions` describes a pruning request once (its fields are the keyword arguments of
+``prune`` and ``Pruner``); ``PruningSpec`` validates it against a model (so nothing changes on bad input)
+and computes new masks; ``prune`` is the one-shot call, and ``Pruner`` (pruner.py) drives any
+:class:`PruningPlan` (a ``PruningSpec``, or a structured spec) on a schedule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -17,9 +22,11 @@ from .criteria import Criterion, get_criterion
 from .granularity import GROUP_NORMS, NM, Granularity, get_granularity
 from .scope import LayerScores, PerLayer, Scope, check_sparsity, get_scope, warn_emptied
 from .statistics import LossFn, TargetStatistics, collect_gradient_statistics
+from .registry import did_you_mean
 from .targets import Target, resolve_targets
 
-__all__ = ["prune", "PruningSpec", "PruneReport", "LayerReport"]
+__all__ = ["prune", "PruningSpec", "PruningOptions", "PruningPlan", "PruneReport", "LayerReport",
+           "check_layer_cap", "options_signature", "options_from_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,105 @@ class PruneReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class PruningOptions:
+    """How to prune with masks: the one description of a request, shared by ``prune``, ``Pruner`` and
+    ``PruningSpec`` (their keyword arguments are these fields).
+
+    Attributes:
+        method: scoring criterion, e.g. ``"magnitude"``, ``"random"``, ``"taylor"``, ``"obd"``
+            (``prunekit methods`` lists all).
+        granularity: ``"element"``, ``"vector"``, ``"column"``, ``"kernel"``, ``"channel"`` or ``"N:M"``
+            such as ``"2:4"``.
+        scope: ``"global"``, ``"local"``, ``"lamp"``, ``"erk"``, or ``{layer pattern: sparsity}``.
+        targets: module types, or module/parameter names or globs; default every Linear and conv weight.
+        exclude: module or parameter names or globs left alone.
+        group_norm: how element scores reduce to group scores, ``"l1"`` or ``"l2"``.
+        max_layer_sparsity: no layer is pruned beyond this fraction.
+        seed: seed of the ``random`` criterion.
+        data, loss_fn: calibration batches ``(inputs, labels)`` and a loss (cross-entropy by default)
+            for data-driven criteria.
+        max_batches: use at most this many batches of ``data``.
+    """
+
+    method: str | Criterion = "magnitude"
+    granularity: str | Granularity = "element"
+    scope: str | Mapping[str, float] | Scope = "global"
+    targets: Iterable[str | type[nn.Module]] | str | None = None
+    exclude: Iterable[str] | str = ()
+    group_norm: str = "l1"
+    max_layer_sparsity: float | None = None
+    seed: int = 0
+    data: Iterable | None = None
+    loss_fn: LossFn | None = None
+    max_batches: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, caller: str, kwargs: Mapping[str, Any]) -> PruningOptions:
+        """The options given to ``caller`` as keyword arguments; an unknown one raises ``TypeError``."""
+        return options_from_kwargs(cls, caller, kwargs)
+
+
+def options_from_kwargs(options: type, caller: str, kwargs: Mapping[str, Any]) -> Any:
+    """``options(**kwargs)`` for the dataclass ``options``; an unknown keyword raises ``TypeError`` naming
+    ``caller`` and the closest field."""
+    names = [f.name for f in dataclasses.fields(options)]
+    for key in kwargs:
+        if key not in names:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}{did_you_mean(key, names)} "
+                            f"(it takes: {', '.join(names)})")
+    return options(**kwargs)
+
+
+def options_signature(fn: Callable, options: type, leading: Sequence[inspect.Parameter],
+                      trailing: Sequence[inspect.Parameter] = ()) -> Callable:
+    """Give ``fn(..., **options)`` the signature that lists the options' fields (for help() and IDEs):
+    ``leading`` parameters, then every field of the dataclass ``options`` as a keyword, then ``trailing``."""
+    fields = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+              for f in dataclasses.fields(options)]
+    fn.__signature__ = inspect.Signature([*leading, *fields, *trailing])
+    return fn
+
+
+@runtime_checkable
+class PruningPlan(Protocol):
+    """What ``Pruner`` drives on a schedule: a validated request bound to a model.
+
+    ``PruningSpec`` (masks on weights) and ``prunekit.structured.StructuredSpec`` (masks on channel groups)
+    implement it. The Pruner asks ``check_sparsity`` once for the schedule's final sparsity, gathers
+    ``gradient_needs`` from the gradients of ``gradient_targets`` after each training step (or calls
+    ``statistics`` on its calibration data), and on every prune step applies ``compute_masks`` at the
+    schedule's sparsity (``None`` when ``fixed_sparsity`` is set, as for N:M) and reports.
+    """
+
+    model: nn.Module
+
+    @property
+    def method_name(self) -> str: ...
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity the plan fixes whatever the schedule says (N:M patterns), else None."""
+
+    @property
+    def gradient_needs(self) -> frozenset[str]:
+        """Gradient statistics to gather from training steps (empty: none)."""
+
+    @property
+    def gradient_targets(self) -> Sequence[Target]:
+        """Whose gradients those statistics are gathered on."""
+
+    def check_sparsity(self, sparsity: float | None) -> float | None: ...
+
+    def statistics(self, data: Iterable | None, loss_fn: LossFn | None, max_batches: int | None = None) -> Any: ...
+
+    def compute_masks(self, sparsity: float | None, stats: Any = None, data: Iterable | None = None) -> Any: ...
+
+    def apply(self, masks: Any) -> list[LayerReport]: ...
+
+    def report(self, sparsity: float | None, rows: list[LayerReport]) -> PruneReport: ...
+
+
 def _fraction_pruned(mask: Tensor | None) -> float:
     return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()
 
@@ -80,20 +186,20 @@ class PruningSpec:
     ``apply`` only tightens masks.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        method: str | Criterion = "magnitude",
-        granularity: str | Granularity = "element",
-        scope: str | Mapping[str, float] | Scope = "global",
-        targets: Iterable[str | type[nn.Module]] | str | None = None,
-        exclude: Iterable[str] | str = (),
-        group_norm: str = "l1",
-        max_layer_sparsity: float | None = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """``PruningSpec(model, options)`` with a :class:`PruningOptions`, or ``PruningSpec(model, method,
+        granularity, ..., seed=...)`` with its fields (``data``, ``loss_fn``, ``max_batches`` are then
+        read by ``statistics`` when it gets none)."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], PruningOptions):
+            options = args[0]
+        else:
+            options = PruningOptions(*args, **kwargs)
+        self.options = options
         if not isinstance(model, nn.Module):
             raise TypeError(f"prunekit prunes a torch nn.Module; got {type(model).__name__}")
+        method, granularity, scope = options.method, options.granularity, options.scope
+        targets, exclude, group_norm = options.targets, options.exclude, options.group_norm
+        max_layer_sparsity, seed = options.max_layer_sparsity, options.seed
         model = distributed.unwrap(model)  # a DDP-wrapped model is pruned through the module inside
         self.model = model
         self.criterion = get_criterion(method)
@@ -106,7 +212,7 @@ class PruningSpec:
             raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {group_norm!r}")
         self.group_norm = group_norm
         self.max_layer_sparsity = (
-            None if max_layer_sparsity is None else _check_cap(max_layer_sparsity)
+            None if max_layer_sparsity is None else check_layer_cap(max_layer_sparsity)
         )
         self.seed = int(seed)
         resolved = resolve_targets(model, targets, exclude)
@@ -127,6 +233,18 @@ class PruningSpec:
     @property
     def method_name(self) -> str:
         return self.criterion.name or type(self.criterion).__name__
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        return self.granularity.sparsity if isinstance(self.granularity, NM) else None
+
+    @property
+    def gradient_needs(self) -> frozenset[str]:
+        return frozenset(self.criterion.needs)
+
+    @property
+    def gradient_targets(self) -> list[Target]:
+        return self.targets
 
     def check_sparsity(self, sparsity: float | None) -> float | None:
         if isinstance(self.granularity, NM):
@@ -223,59 +341,41 @@ class PruningSpec:
         return PruneReport(self.method_name, self.granularity.name, self.scope_name, sparsity, rows)
 
 
-def _check_cap(value) -> float:
+def check_layer_cap(value) -> float:
+    """``max_layer_sparsity`` validated: a number in (0, 1]."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
         raise ValueError(f"max_layer_sparsity must be in (0, 1], got {value!r}")
     return float(value)
 
 
-def prune(
-    model: nn.Module,
-    sparsity: float | None = None,
-    method: str | Criterion = "magnitude",
-    granularity: str | Granularity = "element",
-    scope: str | Mapping[str, float] | Scope = "global",
-    targets: Iterable[str | type[nn.Module]] | str | None = None,
-    exclude: Iterable[str] | str = (),
-    data: Iterable | None = None,
-    loss_fn: LossFn | None = None,
-    *,
-    group_norm: str = "l1",
-    max_layer_sparsity: float | None = None,
-    seed: int = 0,
-    max_batches: int | None = None,
-) -> PruneReport:
+def prune(model: nn.Module, sparsity: float | None = None, **options: Any) -> PruneReport:
     """Prune ``model`` in place with masks and return a report.
 
-    Args:
-        sparsity: fraction in [0, 1) of the targets' entries (or groups) to prune, counting what is
-            already pruned; nothing pruned comes back. Fixed by the pattern for N:M granularities.
-        method: scoring criterion, e.g. ``"magnitude"``, ``"random"``, ``"taylor"``, ``"obd"``
-            (``prunekit methods`` lists all).
-        granularity: ``"element"``, ``"vector"``, ``"column"``, ``"kernel"``, ``"channel"`` or ``"N:M"``
-            such as ``"2:4"``.
-        scope: ``"global"``, ``"local"``, ``"lamp"``, ``"erk"``, or ``{layer pattern: sparsity}``.
-        targets: module types, or module/parameter names or globs; default every Linear and conv weight.
-        exclude: module or parameter names or globs left alone.
-        data, loss_fn: calibration batches ``(inputs, labels)`` and a loss (cross-entropy by default)
-            for data-driven criteria.
-        group_norm: how element scores reduce to group scores, ``"l1"`` or ``"l2"``.
-        max_layer_sparsity: no layer is pruned beyond this fraction.
-        seed: seed of the ``random`` criterion.
-        max_batches: use at most this many batches of ``data``.
+    ``sparsity`` is the fraction in [0, 1) of the targets' entries (or groups) to prune, counting what is
+    already pruned; nothing pruned comes back. It is fixed by the pattern for N:M granularities. The
+    keyword arguments are the fields of :class:`PruningOptions` (``method``, ``granularity``, ``scope``,
+    ``targets``, ``exclude``, ``data``, ``loss_fn``, ``group_norm``, ``max_layer_sparsity``, ``seed``,
+    ``max_batches``).
 
     Raises before changing anything when a name, target, shape or value is invalid.
     """
-    spec = PruningSpec(model, method, granularity, scope, targets, exclude, group_norm, max_layer_sparsity, seed)
+    request = PruningOptions.from_kwargs("prune", options)
+    spec = PruningSpec(model, request)
     sparsity = spec.check_sparsity(sparsity)
     rows: list[LayerReport] = []
     for step_sparsity in _round_sparsities(spec, sparsity):  # one round unless the criterion asks for more
-        stats = spec.statistics(data, loss_fn, max_batches)
+        stats = spec.statistics(request.data, request.loss_fn, request.max_batches)
         with torch.no_grad():
-            new_masks = spec.compute_masks(step_sparsity, stats, data)
+            new_masks = spec.compute_masks(step_sparsity, stats, request.data)
             done = spec.apply(new_masks)
         rows = done if not rows else [replace(r, sparsity_before=b.sparsity_before) for r, b in zip(done, rows)]
     return spec.report(sparsity, rows)
+
+
+options_signature(prune, PruningOptions, [
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+    inspect.Parameter("sparsity", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="float | None"),
+])
 
 
 def _round_sparsities(spec: PruningSpec, sparsity: float | None) -> list[float | None]:

@@ -76,7 +76,7 @@ from .granularity import NM, get_granularity
 from .models import MODELS, get_model
 from .modules import call_model, eval_mode
 from .plots import require_matplotlib
-from .pruning import PruningSpec, _check_cap
+from .pruning import PruningSpec, check_layer_cap
 from .registry import did_you_mean, unknown_name_message
 from .schedules import get_schedule
 from .scope import SCOPES, check_sparsity
@@ -409,7 +409,7 @@ def _check_values(recipe: Recipe, raw: dict) -> None:
         raise _fail("prune.sparsity", "is required (a number in [0, 1))")
     if prune.max_layer_sparsity is not None:
         try:
-            _check_cap(prune.max_layer_sparsity)
+            check_layer_cap(prune.max_layer_sparsity)
         except ValueError as error:
             raise _fail("prune.max_layer_sparsity", str(error)) from None
     if prune.group_norm not in ("l1", "l2"):

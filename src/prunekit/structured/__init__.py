@@ -28,6 +28,7 @@ __all__ = [
 
 from .api import (
     GroupReport,
+    StructuredOptions,
     StructuredReport,
     prune,
     remove,
@@ -38,6 +39,6 @@ from .blocks import RemovedBlock, block_scores, remove_blocks, residual_blocks
 from .criteria import GROUP_CRITERIA, GroupCriterion, get_group_criterion
 from .spec import StructuredSpec
 
-__all__ += ["prune", "remove", "remove_dead", "select_channels", "StructuredReport", "GroupReport",
+__all__ += ["StructuredOptions", "prune", "remove", "remove_dead", "select_channels", "StructuredReport", "GroupReport",
             "GROUP_CRITERIA", "GroupCriterion", "get_group_criterion", "StructuredSpec", "remove_blocks",
             "residual_blocks", "block_scores", "RemovedBlock"]

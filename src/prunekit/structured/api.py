@@ -12,6 +12,7 @@ Everything is validated (names, ratios, data, the graph) before the model change
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import masking
+from ..pruning import options_from_kwargs, options_signature
+from ..registry import unknown_name_message
 from ..scope import check_sparsity
 from ..statistics import LossFn
 from .criteria import GroupCriterion, ScoringContext, get_group_criterion
@@ -35,6 +38,8 @@ __all__ = [
     "StructuredReport",
     "GroupReport",
     "SCOPES",
+    "StructuredOptions",
+    "check_round_to",
 ]
 
 SCOPES = ("local", "global")
@@ -104,7 +109,8 @@ def _count(model: nn.Module) -> int:
                    for n, t in masking.named_effective_tensors(model))
 
 
-def _check_round_to(round_to) -> int | None:
+def check_round_to(round_to) -> int | None:
+    """``round_to`` validated: None or a positive integer."""
     if round_to is None:
         return None
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
@@ -163,12 +169,10 @@ def select_channels(
     ``min_channels`` (never zero), and with ``round_to`` every group keeps a multiple of it.
     """
     if scope not in SCOPES:
-        from ..registry import unknown_name_message
-
         raise ValueError(unknown_name_message("structured scope", scope, SCOPES))
     if scope == "global" and isinstance(ratio, Mapping):
         raise ValueError("per-layer ratios ({pattern: ratio}) need scope='local'")
-    round_to = _check_round_to(round_to)
+    round_to = check_round_to(round_to)
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ValueError(f"min_channels must be a positive integer, got {min_channels!r}")
     sizes = [g.size for g in groups]
@@ -311,30 +315,12 @@ def _check_data(criterion: GroupCriterion, data) -> None:
         )
 
 
-def prune(
-    model: nn.Module,
-    example_inputs: Any,
-    ratio: float | Mapping[str, float] = 0.5,
-    method: str | GroupCriterion = "l1",
-    scope: str = "local",
-    *,
-    exclude: Iterable[str] | str = (),
-    round_to: int | None = None,
-    min_channels: int = 1,
-    data: Iterable | None = None,
-    loss_fn: LossFn | None = None,
-    max_batches: int | None = None,
-    seed: int = 0,
-    physical: bool = True,
-    unknown: str = "error",
-    graph: DependencyGraph | None = None,
-) -> StructuredReport:
-    """Remove ``ratio`` of the channels of every coupled group, in place, lowest ``method`` scores first.
+@dataclass(frozen=True)
+class StructuredOptions:
+    """How to choose channels: the one description shared by :func:`prune` and ``StructuredSpec`` (their
+    keyword arguments are these fields).
 
-    Args:
-        example_inputs: a small batch (tensor, tuple of arguments or dict of keyword arguments).
-        ratio: fraction of channels to remove, in [0, 1); or ``{layer pattern: ratio}`` per group
-            (a group is named by the layers writing its channels; unmatched groups are left alone).
+    Attributes:
         method: a group criterion (``prunekit methods`` lists them): ``l1``, ``l2``, ``bn_scale``,
             ``taylor``, ``apoz``, ``activation``, ``entropy``, ``lda``, ``similarity``, ``correlation``,
             ``random``.
@@ -344,21 +330,53 @@ def prune(
         round_to: keep channel counts multiples of this (8, 16 for fast kernels).
         min_channels: no group keeps fewer channels than this (at least 1: a group never empties).
         data, loss_fn, max_batches: calibration batches for data-driven methods.
+        seed: seed of the ``random`` method.
+        unknown: ``"error"`` or ``"boundary"`` for operations without a rule (see DependencyGraph).
+    """
+
+    method: str | GroupCriterion = "l1"
+    scope: str = "local"
+    exclude: Iterable[str] | str = ()
+    round_to: int | None = None
+    min_channels: int = 1
+    data: Iterable | None = None
+    loss_fn: LossFn | None = None
+    max_batches: int | None = None
+    seed: int = 0
+    unknown: str = "error"
+
+    def criterion(self) -> GroupCriterion:
+        """The group criterion, after validating every option (raises ``ValueError`` on a bad one)."""
+        criterion = get_group_criterion(self.method)
+        if self.scope not in SCOPES:
+            raise ValueError(unknown_name_message("structured scope", self.scope, SCOPES))
+        check_round_to(self.round_to)
+        return criterion
+
+
+def prune(model: nn.Module, example_inputs: Any, ratio: float | Mapping[str, float] = 0.5, *,
+          physical: bool = True, graph: DependencyGraph | None = None, **options: Any) -> StructuredReport:
+    """Remove ``ratio`` of the channels of every coupled group, in place, lowest ``method`` scores first.
+
+    Args:
+        example_inputs: a small batch (tensor, tuple of arguments or dict of keyword arguments).
+        ratio: fraction of channels to remove, in [0, 1); or ``{layer pattern: ratio}`` per group
+            (a group is named by the layers writing its channels; unmatched groups are left alone).
         physical: ``True`` removes channels (surgery); ``False`` attaches channel masks instead, which
             compute the same outputs (every parameter of the group is masked, norm biases included).
-        unknown: ``"error"`` or ``"boundary"`` for operations without a rule (see DependencyGraph).
         graph: a DependencyGraph of ``model`` already built (it is used up by surgery).
+        options: the fields of :class:`StructuredOptions` (``method``, ``scope``, ``exclude``,
+            ``round_to``, ``min_channels``, ``data``, ``loss_fn``, ``max_batches``, ``seed``, ``unknown``).
 
     Returns a :class:`StructuredReport`. The model's outputs keep their shape.
     """
-    criterion = get_group_criterion(method)
-    if scope not in SCOPES:
-        from ..registry import unknown_name_message
-
-        raise ValueError(unknown_name_message("structured scope", scope, SCOPES))
+    request = options_from_kwargs(StructuredOptions, "prune", options)
+    criterion = request.criterion()
+    method, scope, exclude, round_to = request.method, request.scope, request.exclude, request.round_to
+    min_channels, data, loss_fn = request.min_channels, request.data, request.loss_fn
+    max_batches, seed, unknown = request.max_batches, request.seed, request.unknown
     if not isinstance(ratio, Mapping):
         check_sparsity(ratio, "ratio")
-    _check_round_to(round_to)
     _check_data(criterion, data)
     graph = graph or DependencyGraph(model, example_inputs, exclude=exclude, unknown=unknown)
     groups = graph.groups()
@@ -374,6 +392,17 @@ def prune(
     layers = _apply(graph, removal, physical, example_inputs) if removal else []
     return _report(criterion.name or type(criterion).__name__, scope, ratio, physical, groups, removal, before,
                    model, layers)
+
+
+
+
+options_signature(prune, StructuredOptions, [
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+    inspect.Parameter("example_inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Any"),
+    inspect.Parameter("ratio", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=0.5,
+                      annotation="float | Mapping[str, float]"),
+], [inspect.Parameter("physical", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool"),
+    inspect.Parameter("graph", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="DependencyGraph | None")])
 
 
 def remove(

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..registry import unknown_name_message
 from ..statistics import LossFn, batch_loss, move_to
 from .graph import FxTracer, split_inputs
 from .statistics import split_batch
@@ -107,8 +108,6 @@ def block_scores(
 ) -> dict[str, float]:
     """Importance of each block (higher = kept longer)."""
     if method not in BLOCK_METHODS:
-        from ..registry import unknown_name_message
-
         raise ValueError(unknown_name_message("block method", method, BLOCK_METHODS))
     modules = dict(model.named_modules())
     modes = [(m, m.training) for m in model.modules()]

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..registry import unknown_name_message
 from ._types import TensorInfo, UnsupportedOperationError
 from .context import Op, TraceState
 from .rules import module_rule
@@ -326,8 +327,6 @@ class DependencyGraph:
         if not found:
             known = sorted({m.module_name for g in self.groups() for m in g.members})
             if layer not in dict(self.model.named_modules()):
-                from ..registry import unknown_name_message
-
                 raise ValueError(unknown_name_message("layer", layer, known))
             raise ValueError(
                 f"{layer}'s {dim}put channels are not prunable (pinned: see DependencyGraph.boundaries())"
@@ -340,8 +339,6 @@ class DependencyGraph:
         Raises when an index is pinned (it would change the model's outputs or an unfollowable op)."""
         module = dict(self.model.named_modules()).get(layer)
         if module is None:
-            from ..registry import unknown_name_message
-
             raise ValueError(unknown_name_message("layer", layer, [n for n, _ in self.model.named_modules() if n]))
         role = "out" if dim == "out" else "in"
         infos = [i for i in self._state.infos.values() if any(o[1] is module for o in i.owners)]

@@ -12,6 +12,7 @@ schedule's sparsity is the fraction of channels removed.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,73 +20,53 @@ import torch
 from torch import nn
 
 from .. import masking
-from ..pruning import LayerReport, PruneReport
+from ..pruning import LayerReport, PruneReport, options_signature
 from ..scope import check_sparsity
-from ..statistics import LossFn
 from .api import (
-    SCOPES,
+    StructuredOptions,
     StructuredReport,
-    _check_round_to,
     masked_channels,
     remove_dead,
     score_groups,
     select_channels,
 )
-from .criteria import GroupCriterion, ScoringContext, get_group_criterion
+from .criteria import ScoringContext
 from .graph import DependencyGraph
 from .surgery import channel_masks
 
 __all__ = ["StructuredSpec"]
 
 
-class _NoGradientStatistics:
-    """What the Pruner reads as ``spec.criterion``: structured criteria collect their own statistics."""
-
-    needs: frozenset[str] = frozenset()
-    name = "structured"
-
-
 class StructuredSpec:
-    """A validated structured-pruning configuration, usable by ``pk.Pruner(..., structured=spec)``.
+    """A validated structured-pruning request bound to a model: a :class:`~prunekit.pruning.PruningPlan`
+    that ``pk.Pruner(..., structured=spec)`` drives, masking whole channel groups.
 
-    Arguments as in :func:`prunekit.structured.prune`; ``data`` (or the Pruner's ``data=``) feeds the
-    data-driven methods at every prune step.
+    Options as in :func:`prunekit.structured.prune` (the fields of :class:`StructuredOptions`, by keyword,
+    or ``method`` and ``scope`` by position); ``data`` (or the Pruner's ``data=``) feeds the
+    data-driven methods at every prune step. Structured criteria collect their own statistics, so the
+    Pruner gathers no gradients for it (``gradient_needs`` is empty).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        example_inputs: Any,
-        method: str | GroupCriterion = "l1",
-        scope: str = "local",
-        *,
-        exclude: Iterable[str] | str = (),
-        round_to: int | None = None,
-        min_channels: int = 1,
-        data: Iterable | None = None,
-        loss_fn: LossFn | None = None,
-        max_batches: int | None = None,
-        seed: int = 0,
-        unknown: str = "error",
-    ) -> None:
-        self.group_criterion = get_group_criterion(method)
-        if scope not in SCOPES:
-            from ..registry import unknown_name_message
+    #: a structured spec prunes at the schedule's sparsity and needs no gradients from training steps
+    fixed_sparsity = None
+    gradient_needs: frozenset[str] = frozenset()
+    gradient_targets: tuple = ()
 
-            raise ValueError(unknown_name_message("structured scope", scope, SCOPES))
-        self.round_to = _check_round_to(round_to)
-        self.min_channels = min_channels
+    def __init__(self, model: nn.Module, example_inputs: Any, *args: Any, **kwargs: Any) -> None:
+        options = StructuredOptions(*args, **kwargs)
+        self.group_criterion = options.criterion()
+        self.options = options
+        self.round_to = options.round_to
+        self.min_channels = options.min_channels
         self.model = model
         self.example_inputs = example_inputs
-        self.scope_name = scope
-        self.data, self.loss_fn, self.max_batches, self.seed = data, loss_fn, max_batches, seed
-        self.exclude, self.unknown = exclude, unknown
-        self.graph = DependencyGraph(model, example_inputs, exclude=exclude, unknown=unknown)
+        self.scope_name = options.scope
+        self.data, self.loss_fn, self.max_batches, self.seed = (options.data, options.loss_fn, options.max_batches,
+                                                                options.seed)
+        self.exclude, self.unknown = options.exclude, options.unknown
+        self.graph = DependencyGraph(model, example_inputs, exclude=self.exclude, unknown=self.unknown)
         if not self.graph.groups():
             raise ValueError("the model has no prunable channel group (see DependencyGraph(...).boundaries())")
-        self.criterion = _NoGradientStatistics()
-        self.granularity = "channel"
-        self.targets: list = []
 
     @property
     def method_name(self) -> str:
@@ -140,3 +121,10 @@ class StructuredSpec:
         report = remove_dead(self.model, self.example_inputs, exclude=self.exclude, unknown=self.unknown)
         self.graph.stale = True
         return report
+
+
+options_signature(StructuredSpec.__init__, StructuredOptions, [
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+    inspect.Parameter("example_inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="Any"),
+])

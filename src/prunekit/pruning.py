@@ -255,7 +255,7 @@ class PruningSpec:
                 )
             return self.granularity.sparsity
         if sparsity is None:
-            if isinstance(self.scope, PerLayer):
+            if isinstance(self.scope, PerLayer) or getattr(self.scope, "sets_sparsity", False):
                 return None
             raise ValueError("sparsity is required (a number in [0, 1))")
         return check_sparsity(sparsity)
@@ -271,6 +271,8 @@ class PruningSpec:
                 f"method {self.method_name!r} is data-driven: pass data= (an iterable of batches) "
                 "and, unless the loss is cross-entropy, loss_fn="
             )
+        if not self.criterion.needs:  # it reads data= itself in prepare() (OBS: the layers' inputs)
+            return None
         if max_batches is None:
             max_batches = self.criterion.default_batches
         stats = collect_gradient_statistics(
@@ -328,6 +330,7 @@ class PruningSpec:
             mask = new_masks[target.name]
             if tuple(mask.shape) != target.shape:
                 raise ValueError(f"{target.name}: new mask of shape {tuple(mask.shape)}, parameter {target.shape}")
+        self.criterion.update_weights(self.model, self.targets, new_masks)  # OBS moves the kept weights
         for target in self.targets:
             before = _fraction_pruned(target.mask(self.model))
             after_mask = masking.attach(

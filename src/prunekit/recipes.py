@@ -22,7 +22,7 @@ Schema (every section and key, with its default; keys use the Python API's names
       method: magnitude               # any name `prunekit methods` lists
       sparsity: 0.9                   # in [0, 1); leave out for N:M patterns and per-layer scopes
       granularity: element            # element, vector, column, kernel, channel or "2:4" (quote N:M!)
-      scope: global                   # global, local, lamp, erk, or {layer pattern: sparsity}
+      scope: global                   # global, local, lamp, erk, threshold (no sparsity), or {layer pattern: sparsity}
       targets: null                   # null = every Linear and conv weight, or a list of names/globs
       exclude: []                     # module or parameter names or globs left alone
       max_layer_sparsity: null        # cap per layer, in (0, 1]
@@ -405,7 +405,7 @@ def _check_values(recipe: Recipe, raw: dict) -> None:
         _check_sparsity(prune.sparsity, "prune.sparsity", check_sparsity)
         if isinstance(granularity, NM) and abs(prune.sparsity - granularity.sparsity) > 1e-9:
             raise _fail("prune.sparsity", f"the {granularity.name} pattern fixes sparsity at {granularity.sparsity:g}; leave it out")
-    elif not isinstance(granularity, NM) and isinstance(prune.scope, str):
+    elif not isinstance(granularity, NM) and isinstance(prune.scope, str) and prune.scope.strip().lower() != "threshold":
         raise _fail("prune.sparsity", "is required (a number in [0, 1))")
     if prune.max_layer_sparsity is not None:
         try:

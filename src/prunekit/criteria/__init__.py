@@ -1,6 +1,6 @@
 """Scoring criteria, one file per family. Importing this package registers them all."""
 
-from . import magnitude, gradient, init_time  # noqa: F401, I001  (registration order = listing order)
+from . import magnitude, gradient, init_time, obs, threshold  # noqa: F401, I001  (registration order = listing order)
 from .base import CRITERIA, Criterion, get_criterion
 
 __all__ = ["CRITERIA", "Criterion", "get_criterion"]

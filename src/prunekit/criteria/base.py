@@ -39,6 +39,10 @@ class Criterion:
         """Called once before the targets are scored, with everything at hand: criteria that need the
         whole model at once (SynFlow's forward pass, SNIP's normalisation) compute it here."""
 
+    def update_weights(self, model, targets: list[Target], masks) -> None:
+        """Called with the new keep-masks ``{target name: mask}`` just before they are attached, under
+        ``no_grad``: methods that compensate for what they remove (OBS) move the kept weights here."""
+
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
         """Scores of ``target``'s entries: a float tensor of the parameter's shape."""
         raise NotImplementedError

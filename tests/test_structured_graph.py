@@ -425,9 +425,9 @@ def test_unknown_operation_as_boundary_pins_its_inputs():
     assert all("conv" not in g.producers for g in graph2.groups())
 
 
-def test_untraceable_model_is_a_clear_error():
+def test_untraceable_model_is_a_clear_error_with_tracer_fx():
     with pytest.raises(UnsupportedOperationError, match="torch.fx cannot trace _Branchy"):
-        DependencyGraph(_Branchy(), torch.randn(2, 3))
+        DependencyGraph(_Branchy(), torch.randn(2, 3), tracer="fx")
 
 
 def test_outputs_and_excluded_layers_keep_their_size():

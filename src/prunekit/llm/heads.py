@@ -48,6 +48,7 @@ __all__ = [
     "remove_heads",
     "prune_heads",
     "HEAD_IMPORTANCE",
+    "set_head_counts",
 ]
 
 HEAD_IMPORTANCE = ("gradient", "magnitude")
@@ -301,22 +302,29 @@ def _apply(attn: Attention, kept: list[int], kept_kv: list[int]) -> None:
         e = attn.num_heads * d
         _take(attn.qkv, torch.cat([q_idx, q_idx + e, q_idx + 2 * e]), output=True)
         _take(attn.o, q_idx, output=False)
-        attn.module.num_heads = len(kept)
-        attn.module.split_size = len(kept) * d
+        set_head_counts(attn, len(kept), len(kept))
         return
     kv_idx = _index(kept_kv, d, dev)
     _take(attn.q, q_idx, output=True)
     _take(attn.k, kv_idx, output=True)
     _take(attn.v, kv_idx, output=True)
     _take(attn.o, q_idx, output=False)
-    m = attn.module
-    if attn.style == "llama":
-        m.num_key_value_groups = len(kept) // len(kept_kv)
+    set_head_counts(attn, len(kept), len(kept_kv))
+
+
+def set_head_counts(attn: Attention, heads: int, kv_heads: int) -> None:
+    """Set the attention module's head attributes (its projections already have the new shapes)."""
+    m, d = attn.module, attn.head_dim
+    if attn.style == "gpt2":
+        m.num_heads = heads
+        m.split_size = heads * d
+    elif attn.style == "llama":
+        m.num_key_value_groups = heads // kv_heads
     elif attn.style == "opt":
-        m.num_heads = len(kept)
+        m.num_heads = heads
     elif attn.style == "bert":
-        m.num_attention_heads = len(kept)
-        m.all_head_size = len(kept) * d
+        m.num_attention_heads = heads
+        m.all_head_size = heads * d
 
 
 def sync_attention_config(model: nn.Module, attns: Sequence[Attention] | None = None) -> None:

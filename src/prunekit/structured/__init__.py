@@ -9,6 +9,7 @@ residual blocks, group criteria, and channel masks that agree with surgery.
 
 from ._types import UnsupportedOperationError
 from .graph import Boundary, DependencyGraph, Group, Member
+from .hf_io import load_pretrained
 from .mha import PrunedMultiheadAttention
 from .rules import ModuleRule, register_rule
 from .surgery import channel_masks, remove_channels
@@ -24,6 +25,7 @@ __all__ = [
     "remove_channels",
     "channel_masks",
     "PrunedMultiheadAttention",
+    "load_pretrained",
 ]
 
 from .api import (

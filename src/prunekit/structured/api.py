@@ -28,6 +28,7 @@ from ..scope import check_sparsity
 from ..statistics import LossFn
 from .criteria import GroupCriterion, ScoringContext, get_group_criterion
 from .graph import DependencyGraph, Group, split_inputs
+from .hf_io import mlp_layers, sync_config
 from .surgery import channel_masks, remove_channels
 
 __all__ = [
@@ -260,7 +261,9 @@ def _apply(graph: DependencyGraph, removal: dict[int, Tensor], physical: bool, e
                 changed.append(name.rpartition(".")[0])
         return sorted(set(changed))
     before = _output_shapes(model, example_inputs)
+    mlp = mlp_layers(model)
     changed = remove_channels(graph, removal)
+    sync_config(model, mlp)  # a transformers model's config follows (a no-op for other models)
     after = _output_shapes(model, example_inputs)
     if before != after:  # a bug in a rule, never expected: say so loudly
         raise RuntimeError(f"structured surgery changed the model's output shapes {before} -> {after}; "

@@ -32,7 +32,10 @@ from torch import Tensor, nn
 from ..registry import unknown_name_message
 from ._types import TensorInfo, UnsupportedOperationError
 from .context import Op, TraceState
+from .hf import is_transformers_model
+from .hf import prepare as prepare_transformers
 from .rules import module_rule
+from .tracing import eager_trace
 
 __all__ = ["DependencyGraph", "Group", "Member", "UnsupportedOperationError", "Boundary", "FxTracer", "split_inputs"]
 
@@ -132,6 +135,9 @@ class DependencyGraph:
             raises :class:`UnsupportedOperationError` naming the op and the node; ``"boundary"`` pins
             the channels of its inputs (they are then never removed).
         leaf_modules: extra module types to keep whole (each needs a rule, see ``register_rule``).
+        tracer: ``"fx"`` (torch.fx symbolic tracing), ``"eager"`` (one recorded forward pass, see
+            ``tracing.py``: Hugging Face models, data-dependent control flow) or ``"auto"`` (fx, and the
+            eager trace where fx fails).
 
     ``groups()`` lists the prunable groups; ``boundaries()`` says which channels are pinned and why.
     """
@@ -144,15 +150,20 @@ class DependencyGraph:
         exclude: Iterable[str] | str = (),
         unknown: str = "error",
         leaf_modules: Iterable[type[nn.Module]] = (),
+        tracer: str = "auto",
     ) -> None:
         if unknown not in ("error", "boundary"):
             raise ValueError(f"unknown must be 'error' or 'boundary', got {unknown!r}")
+        if tracer not in ("auto", "fx", "eager"):
+            raise ValueError(f"tracer must be 'auto', 'fx' or 'eager', got {tracer!r}")
+        if is_transformers_model(model):
+            prepare_transformers(model)
         self.model = model
         self.unknown = unknown
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude)
         self._groups: list[Group] | None = None
         self.stale = False
-        self.fx_graph = self._trace(tuple(leaf_modules))
+        self.fx_graph = self._trace(tuple(leaf_modules), example_inputs, tracer)
         self._check_exclude()
         self._ops = {node: Op(_KINDS[node.op], node.target, node.args, node.kwargs, node.name,
                               model.get_submodule(node.target) if node.op == "call_module" else None)
@@ -185,11 +196,16 @@ class DependencyGraph:
         return self._atoms.roots()
 
     # --- building ---------------------------------------------------------------------------------
-    def _trace(self, leaves: tuple[type, ...]) -> fx.Graph:
+    def _trace(self, leaves: tuple[type, ...], example_inputs: Any, how: str) -> fx.Graph:
+        if how == "eager":
+            args, kwargs = split_inputs(example_inputs)
+            return eager_trace(self.model, args, kwargs, lambda m: isinstance(m, leaves) or module_rule(m) is not None)
         tracer = FxTracer(leaves)
         try:
             return tracer.trace(self.model)
         except Exception as error:  # torch.fx raises many kinds (TraceError, TypeError, ...)
+            if how == "auto":
+                return self._trace(leaves, example_inputs, "eager")
             raise UnsupportedOperationError(
                 f"torch.fx cannot trace {type(self.model).__name__}: {error}. Structured pruning needs a "
                 "traceable forward(); keep the untraceable submodule whole with leaf_modules=[its type] "

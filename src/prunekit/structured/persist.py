@@ -155,7 +155,9 @@ class Structure:
                                 p.mask.data = torch.ones(shape, dtype=torch.bool, device=p.mask.device)
                 for attr, value in rec["attributes"].items():
                     setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-                rule = module_rule(module)
+                setattr(module, RESIZED_ATTR, True)
+            for name in self.modules:  # after every tensor has its shape: a layer may read its children's
+                module = modules.get(name)
+                rule = module_rule(module) if module is not None else None
                 if rule is not None and rule.resize is not None:
                     rule.resize(module, Sizes(None))
-                setattr(module, RESIZED_ATTR, True)

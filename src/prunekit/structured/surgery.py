@@ -106,6 +106,11 @@ def remove_channels(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> li
             lab = call.input_channels()
             if lab is not None and input_sizes[id(module)] != lab.numel():
                 changed[id(module)] = (name, module)
+    for name, module in graph.model.named_modules():  # a layer whose sizes live in its children's tensors
+        rule = module_rule(module)
+        if id(module) not in changed and rule is not None and rule.resize is not None and any(
+                id(child) in changed for child in module.modules()):
+            changed[id(module)] = (name, module)
     for name, module in changed.values():
         rule = module_rule(module)
         if rule is not None and rule.resize is not None:

@@ -59,7 +59,7 @@ def _hidden_group(model, x):
 # --- criteria, by hand ----------------------------------------------------------------------------
 
 
-def test_l1_l2_aggregate_every_parameter_slice_of_the_channel():
+def test_group_l1_l2_aggregate_every_parameter_slice_and_l1_l2_read_the_filter_only():
     model = _mlp()
     graph, g = _hidden_group(model, torch.randn(3, 4))
     ctx = ScoringContext(graph)
@@ -67,8 +67,11 @@ def test_l1_l2_aggregate_every_parameter_slice_of_the_channel():
     gamma, beta = model.bn.weight, model.bn.bias
     l1 = w1.abs().sum(1) + b1.abs() + gamma.abs() + beta.abs() + w2.abs().sum(0)
     l2 = (w1.square().sum(1) + b1.square() + gamma.square() + beta.square() + w2.square().sum(0)).sqrt()
-    assert torch.allclose(get_group_criterion("l1").score(g, ctx), l1.detach())
-    assert torch.allclose(get_group_criterion("l2").score(g, ctx), l2.detach())
+    assert torch.allclose(get_group_criterion("group_l1").score(g, ctx), l1.detach())
+    assert torch.allclose(get_group_criterion("group_l2").score(g, ctx), l2.detach())
+    # Li et al. 2017: the sum of the filter's absolute kernel weights, nothing else
+    assert torch.allclose(get_group_criterion("l1").score(g, ctx), w1.abs().sum(1).detach())
+    assert torch.allclose(get_group_criterion("l2").score(g, ctx), w1.norm(dim=1).detach())
     assert torch.allclose(get_group_criterion("bn_scale").score(g, ctx), gamma.abs().detach())
 
 
@@ -155,7 +158,7 @@ def test_lda_and_correlation_from_labelled_batches():
 def test_every_registered_method_prunes_a_resnet():
     loader = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
     x = loader[0][0][:2]
-    assert set(GROUP_CRITERIA.names()) == {"l1", "l2", "bn_scale", "taylor", "apoz", "activation", "entropy",
+    assert set(GROUP_CRITERIA.names()) == {"l1", "l2", "group_l1", "group_l2", "bn_scale", "taylor", "apoz", "activation", "entropy",
                                            "lda", "similarity", "correlation", "random"}
     for method in GROUP_CRITERIA.names():
         model = resnet8().eval()

@@ -1,16 +1,17 @@
 """Group criteria: one score per channel of a group (higher = more important = kept).
 
-Weight criteria aggregate over *every* parameter slice of the channel, in every member of its group (a
-filter, its bias, its normalisation scale and shift, and the next layers' input columns), so that a
-channel's importance is judged from everything that goes with it.
+``l1``/``l2`` read the channel's filter only (Li et al. 2017); ``group_l1``/``group_l2`` aggregate over
+*every* parameter slice of the channel, in every member of its group (a filter, its bias, its
+normalisation scale and shift, and the next layers' input columns), as DepGraph does.
 
 ====================  =============================================================================
-``l1`` / ``l2``        sum of |w| / sqrt of the sum of w^2 over all parameter slices of the channel
+``l1`` / ``l2``        sum of |w| / L2 norm of the filter writing the channel (Li et al. 2017)
+``group_l1`` / ``_l2`` the same over all parameter slices of the channel (Fang et al. 2023)
 ``bn_scale``           |gamma| of the channel's normalisation layers (Network Slimming, Liu et al. 2017)
 ``taylor``             (sum over the channel's slices of w * dL/dw)^2, averaged over batches
                        (Molchanov et al. 2019, first-order group Taylor)
-``apoz``               1 - average percentage of zeros of the channel's activations (Hu et al. 2016)
-``activation``         mean |activation| of the channel
+``apoz``               1 - average percentage of zeros of the channel's ReLU output (Hu et al. 2016)
+``activation``         mean |activation| of the channel at its activation function's output
 ``entropy``            entropy of the channel's pooled activations over samples, 10-bin histogram
                        (Luo & Wu 2017)
 ``lda``                Fisher's discriminant ratio of the channel's pooled activations between the
@@ -22,7 +23,10 @@ channel's importance is judged from everything that goes with it.
 ``random``             seeded uniform scores
 ====================  =============================================================================
 
-Activations are read where layers read the channel (the graph's taps), averaged over taps.
+Activation criteria read the output of the activation function that follows the channel (``at="activation"``,
+the default: Hu et al.'s measuring point), or, with ``at="input"`` (e.g. ``APoZ(at="input")``), where the next
+layers read it, after any pooling; averaged over the points that carry the channel. A group that no
+activation function reads is measured at the next layers' inputs.
 The redundancy criteria (``similarity``, ``correlation``) compare each channel only with channels ranked
 above it (by norm or by activity), so of two identical channels one keeps its score and the other gets 0:
 pruning removes one copy, not both. Dead channels (a zero filter, a constant activation) score 0 too.
@@ -40,7 +44,13 @@ from torch import Tensor, nn
 from ..registry import Registry
 from ..statistics import LossFn, batch_loss
 from .graph import DependencyGraph, Group, Member
-from .statistics import TapStatistics, collect_activation_statistics
+from .statistics import (
+    MEASURING_POINTS,
+    TapStatistics,
+    collect_activation_statistics,
+    collect_output_statistics,
+    is_activation,
+)
 
 __all__ = ["GroupCriterion", "GROUP_CRITERIA", "get_group_criterion", "ScoringContext", "channel_reduce"]
 
@@ -108,57 +118,75 @@ class ScoringContext:
     loss_fn: LossFn | None = None
     max_batches: int | None = None
     seed: int = 0
-    _taps: dict | None = field(default=None, repr=False)
+    _stats: dict = field(default_factory=dict, repr=False)  # measuring point -> statistics
     _taylor: dict | None = field(default=None, repr=False)
 
     # --- activations ----------------------------------------------------------------------------
-    def activations(self, per_sample: bool) -> dict[tuple[str, int], TapStatistics]:
-        if self._taps is None or (per_sample and not any(s.samples for s in self._taps.values())):
+    def _points(self, at: str) -> list[tuple[tuple[str, int], Tensor]]:
+        """((name, dim), labels) of every place activations can be read: activation outputs or layer inputs."""
+        if at == "input":
+            found = {(t.module_name, t.dim): t.labels for t in self.graph.taps if t.module_name is not None}
+        else:
+            found = {}
+            for node in self.graph.fx_graph.nodes:
+                labels = self.graph.labels(node) if is_activation(node, self.graph.model) else None
+                if isinstance(labels, dict):
+                    found.update({(node.name, dim): atoms for dim, atoms in labels.items()})
+        return list(found.items())
+
+    def activations(self, per_sample: bool, at: str = "activation") -> dict[tuple[str, int], TapStatistics]:
+        """Statistics at every measuring point ``at`` ("activation" or "input"), collected once."""
+        stats = self._stats.get(at)
+        if stats is None or (per_sample and not any(s.samples for s in stats.values())):
             if self.data is None:
                 raise ValueError("this method is data-driven: pass data= (an iterable of calibration batches)")
-            taps = sorted({(t.module_name, t.dim) for t in self.graph.taps if t.module_name is not None})
-            self._taps = collect_activation_statistics(self.graph.model, taps, self.data, per_sample=per_sample,
-                                                       max_batches=self.max_batches)
-        return self._taps
+            points = sorted(key for key, _ in self._points(at))
+            if at == "input":
+                stats = collect_activation_statistics(self.graph.model, points, self.data, per_sample=per_sample,
+                                                      max_batches=self.max_batches)
+            else:
+                stats = collect_output_statistics(self.graph.model, self.graph.fx_graph, points, self.data,
+                                                  per_sample=per_sample, max_batches=self.max_batches)
+            self._stats[at] = stats
+        return stats
 
-    def group_taps(self, group: Group) -> list[tuple[Tensor, Tensor, TapStatistics]]:
-        """(positions, channel of each position, statistics) for every tap reading ``group``."""
-        found = []
-        seen = set()
-        for tap in self.graph.taps:
-            if tap.module_name is None or (tap.module_name, tap.dim) in seen:
-                continue
-            channel = self.graph.channel_lookup(group, tap.labels)
-            pos = (channel >= 0).nonzero().flatten()
-            if pos.numel():
-                seen.add((tap.module_name, tap.dim))
-                found.append((pos, channel[pos], (tap.module_name, tap.dim)))
-        if not found:
-            raise ValueError(
-                f"group {group.name}: no layer module reads its channels, so activation statistics are unavailable"
-            )
-        return found
+    def group_points(self, group: Group, per_sample: bool = False, at: str = "activation"
+                     ) -> list[tuple[Tensor, Tensor, TapStatistics]]:
+        """(positions, channel of each position, statistics) for every point ``at`` that carries ``group``'s
+        channels. A group that no activation function reads (attention heads, say) falls back to the
+        next layers' inputs."""
+        for where in ((at, "input") if at == "activation" else (at,)):
+            found = []
+            for key, labels in self._points(where):
+                channel = self.graph.channel_lookup(group, labels)
+                pos = (channel >= 0).nonzero().flatten()
+                if pos.numel():
+                    found.append((pos, channel[pos], key))
+            if found:
+                stats = self.activations(per_sample, where)
+                return [(pos, channel, stats[key]) for pos, channel, key in found]
+        raise ValueError(
+            f"group {group.name}: no layer module reads its channels, so activation statistics are unavailable"
+        )
 
-    def channel_activation(self, group: Group, what: Callable[[TapStatistics], Tensor], per_sample: bool = False):
-        """Per-tap per-channel values of ``what`` (a per-index statistic), averaged over each channel's indices."""
-        stats = self.activations(per_sample)
+    def channel_activation(self, group: Group, what: Callable[[TapStatistics], Tensor], per_sample: bool = False,
+                           at: str = "activation") -> list[Tensor]:
+        """Per point, per-channel values of ``what`` (a per-index statistic), averaged over each channel's indices."""
         out = []
-        for pos, channel, key in self.group_taps(group):
-            values = what(stats[key])[pos]
+        for pos, channel, stats in self.group_points(group, per_sample, at):
+            values = what(stats)[pos]
             total = torch.zeros(group.size).index_add_(0, channel, values.float())
             count = torch.zeros(group.size).index_add_(0, channel, torch.ones(pos.numel()))
             out.append(total / count.clamp_min(1))
         return out
 
-    def channel_samples(self, group: Group) -> list[tuple[Tensor, Tensor]]:
-        """Per tap: (samples x channels pooled activations, sample labels)."""
-        stats = self.activations(per_sample=True)
+    def channel_samples(self, group: Group, at: str = "activation") -> list[tuple[Tensor, Tensor]]:
+        """Per point: (samples x channels pooled activations, sample labels)."""
         out = []
-        for pos, channel, key in self.group_taps(group):
-            s = stats[key]
+        for pos, channel, s in self.group_points(group, True, at):
             samples = s.per_sample()
             if samples.numel() == 0:
-                raise ValueError(f"no per-sample activations were recorded for {key[0]}")
+                raise ValueError(f"no per-sample activations were recorded for group {group.name}")
             values = samples[:, pos]
             total = torch.zeros(samples.shape[0], group.size).index_add_(1, channel, values)
             count = torch.zeros(group.size).index_add_(0, channel, torch.ones(pos.numel()))
@@ -212,22 +240,51 @@ class ScoringContext:
         return self._taylor
 
 
-@GROUP_CRITERIA.register("l1", "sum of |w| over every parameter slice of the channel (filter, bias, norm, next layers' inputs)")
+def _filters(group: Group) -> list[Member]:
+    """The weights that write the channels (a convolution's filters, a Linear's rows): Li et al.'s filters."""
+    found = [m for m in _parameters(group) if "out" in m.roles and m.info.tensor.dim() >= 2]  # no biases
+    if not found:
+        raise ValueError(f"group {group.name} has no layer weight writing its channels; use 'group_l1' or 'group_l2'")
+    return found
+
+
+def _power_sum(members: list[Member], size: int, power: int) -> Tensor:
+    total = torch.zeros(size)
+    for m in members:
+        rows = _rows(m).abs()
+        total += channel_reduce(m, (rows if power == 1 else rows.square()).sum(1), size)
+    return total
+
+
+@GROUP_CRITERIA.register("l1", "sum of |w| of the channel's filter (Li et al. 2017)")
 class L1(GroupCriterion):
+    """Li et al. 2017 ("Pruning Filters for Efficient ConvNets"): ``s_j = sum |F_j|``, the L1 norm of the
+    filter (kernel weights, no bias) that writes channel ``j``; the filters of every layer writing it when
+    a residual connection ties several."""
+
     def score(self, group: Group, context: ScoringContext) -> Tensor:
-        total = torch.zeros(group.size)
-        for m in _parameters(group):
-            total += channel_reduce(m, _rows(m).abs().sum(1), group.size)
-        return total
+        return _power_sum(_filters(group), group.size, 1)
 
 
-@GROUP_CRITERIA.register("l2", "sqrt of the sum of w^2 over every parameter slice of the channel")
+@GROUP_CRITERIA.register("l2", "L2 norm of the channel's filter (Li et al. 2017's L2 variant)")
 class L2(GroupCriterion):
     def score(self, group: Group, context: ScoringContext) -> Tensor:
-        total = torch.zeros(group.size)
-        for m in _parameters(group):
-            total += channel_reduce(m, _rows(m).square().sum(1), group.size)
-        return total.sqrt()
+        return _power_sum(_filters(group), group.size, 2).sqrt()
+
+
+@GROUP_CRITERIA.register("group_l1", "sum of |w| over every parameter slice of the channel: filter, bias, norm, next layers' inputs (DepGraph, Fang et al. 2023)")
+class GroupL1(GroupCriterion):
+    """The group-level norm of DepGraph (Fang et al. 2023): every parameter removed with the channel counts
+    (its filter and bias, its normalisation scale and shift, the next layers' input columns)."""
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        return _power_sum(_parameters(group), group.size, 1)
+
+
+@GROUP_CRITERIA.register("group_l2", "sqrt of the sum of w^2 over every parameter slice of the channel (DepGraph, Fang et al. 2023)")
+class GroupL2(GroupCriterion):
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        return _power_sum(_parameters(group), group.size, 2).sqrt()
 
 
 @GROUP_CRITERIA.register("bn_scale", "|gamma| of the channel's normalisation layers (Network Slimming, Liu et al. 2017)")
@@ -254,21 +311,33 @@ class GroupTaylor(GroupCriterion):
         return context.taylor()[group.index]
 
 
-@GROUP_CRITERIA.register("apoz", "1 - average percentage of zeros of the channel's activations (Hu et al. 2016)")
-class APoZ(GroupCriterion):
+class ActivationCriterion(GroupCriterion):
+    """A criterion that reads activations, at ``at``: ``"activation"`` (default), the output of the activation
+    function that follows the channel (ReLU, GELU, ...); or ``"input"``, where the next layers read it (after
+    any pooling). A group that no activation function reads is measured at the next layers' inputs."""
+
     needs = "activations"
 
+    def __init__(self, at: str = "activation") -> None:
+        if at not in MEASURING_POINTS:
+            raise ValueError(f"at must be one of {MEASURING_POINTS}, got {at!r}")
+        self.at = at
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(at={self.at!r})"
+
+
+@GROUP_CRITERIA.register("apoz", "1 - average percentage of zeros of the channel's ReLU output (Hu et al. 2016)")
+class APoZ(ActivationCriterion):
     def score(self, group: Group, context: ScoringContext) -> Tensor:
-        per_tap = context.channel_activation(group, lambda s: s.apoz)
-        return 1.0 - torch.stack(per_tap).mean(0)
+        per_point = context.channel_activation(group, lambda s: s.apoz, at=self.at)
+        return 1.0 - torch.stack(per_point).mean(0)
 
 
-@GROUP_CRITERIA.register("activation", "mean |activation| of the channel where the next layers read it")
-class MeanActivation(GroupCriterion):
-    needs = "activations"
-
+@GROUP_CRITERIA.register("activation", "mean |activation| of the channel at its activation function's output")
+class MeanActivation(ActivationCriterion):
     def score(self, group: Group, context: ScoringContext) -> Tensor:
-        return torch.stack(context.channel_activation(group, lambda s: s.mean_abs)).mean(0)
+        return torch.stack(context.channel_activation(group, lambda s: s.mean_abs, at=self.at)).mean(0)
 
 
 def histogram_entropy(samples: Tensor, bins: int = _ENTROPY_BINS) -> Tensor:
@@ -283,11 +352,11 @@ def histogram_entropy(samples: Tensor, bins: int = _ENTROPY_BINS) -> Tensor:
 
 
 @GROUP_CRITERIA.register("entropy", "entropy of the channel's pooled activations over samples, 10 bins (Luo & Wu 2017)")
-class Entropy(GroupCriterion):
+class Entropy(ActivationCriterion):
     needs = "samples"
 
     def score(self, group: Group, context: ScoringContext) -> Tensor:
-        return torch.stack([histogram_entropy(s) for s, _ in context.channel_samples(group)]).mean(0)
+        return torch.stack([histogram_entropy(s) for s, _ in context.channel_samples(group, self.at)]).mean(0)
 
 
 def fisher_ratio(samples: Tensor, labels: Tensor) -> Tensor:
@@ -303,12 +372,12 @@ def fisher_ratio(samples: Tensor, labels: Tensor) -> Tensor:
 
 
 @GROUP_CRITERIA.register("lda", "between-class / within-class variance of the channel's activations (labelled data)")
-class LDA(GroupCriterion):
+class LDA(ActivationCriterion):
     needs = "labels"
 
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         scores = []
-        for samples, labels in context.channel_samples(group):
+        for samples, labels in context.channel_samples(group, self.at):
             if labels.numel() != samples.shape[0]:
                 raise ValueError("method 'lda' needs labelled batches: (inputs, labels)")
             scores.append(fisher_ratio(samples, labels))
@@ -360,7 +429,7 @@ class FilterSimilarity(GroupCriterion):
 
 
 @GROUP_CRITERIA.register("correlation", "1 - max positive correlation of the channel's activations with a more active channel")
-class ActivationCorrelation(GroupCriterion):
+class ActivationCorrelation(ActivationCriterion):
     """Activation redundancy (the seeds' correlation matrix): strongly *positively* correlated channels are
     redundant, so the less active one scores low; negatively correlated channels carry complementary
     information and keep their score; a constant channel (no variance, e.g. dead) scores 0."""
@@ -369,7 +438,7 @@ class ActivationCorrelation(GroupCriterion):
 
     def score(self, group: Group, context: ScoringContext) -> Tensor:
         scores = []
-        for samples, _ in context.channel_samples(group):
+        for samples, _ in context.channel_samples(group, self.at):
             centred = samples - samples.mean(0)
             scores.append(ranked_redundancy(centred.t(), samples.abs().mean(0)))
         return torch.stack(scores).mean(0)

@@ -191,6 +191,10 @@ class DependencyGraph:
         """Where layers read channels (:class:`~prunekit.structured.context.Tap`), in order."""
         return self._state.taps
 
+    def labels(self, node: fx.Node) -> Any:
+        """The channel labels of ``node``'s output in the trace: ``{dim: atom ids}`` for a tensor."""
+        return self._state.labels(node)
+
     def roots(self) -> Tensor:
         """The component (removable channel) of every atom."""
         return self._atoms.roots()

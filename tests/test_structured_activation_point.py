@@ -92,3 +92,20 @@ def test_structured_prune_with_apoz_removes_the_channel_with_the_most_zeros_at_t
     report = pk.structured.prune(model, x, 0.25, method="apoz", data=data, scope="local")
     removed = {g.name: g.removed for g in report.groups}
     assert 1 in removed["conv1"]
+
+
+def test_lda_is_the_fisher_ratio_of_the_pooled_relu_output_between_the_classes():
+    model, data = model_and_data()
+    graph = DependencyGraph(model, data[0][0][:2])
+    from prunekit.structured.criteria import get_group_criterion
+
+    scores = get_group_criterion("lda").score(graph.group_of("conv2"), ScoringContext(graph, data))
+    pooled = by_hand(model, data)["conv2"].mean((2, 3))  # (samples, channels): global average pooling
+    labels = torch.cat([y for _, y in data])
+    expected = []
+    for c in range(pooled.shape[1]):
+        v, mean = pooled[:, c], pooled[:, c].mean()
+        between = sum(float((labels == k).sum()) * float(v[labels == k].mean() - mean) ** 2 for k in labels.unique())
+        within = sum(float(((v[labels == k] - v[labels == k].mean()) ** 2).sum()) for k in labels.unique())
+        expected.append(between / within)
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-4, atol=1e-6)

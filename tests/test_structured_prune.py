@@ -159,7 +159,7 @@ def test_every_registered_method_prunes_a_resnet():
     loader = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
     x = loader[0][0][:2]
     assert set(GROUP_CRITERIA.names()) == {"l1", "l2", "group_l1", "group_l2", "bn_scale", "taylor", "apoz", "activation", "entropy",
-                                           "lda", "similarity", "correlation", "random"}
+                                           "lda", "similarity", "correlation", "random", "taylor_so"}
     for method in GROUP_CRITERIA.names():
         model = resnet8().eval()
         before = model(x).shape

@@ -455,3 +455,100 @@ def describe() -> list[tuple[str, str]]:
     """(name, summary) of every group criterion, for ``prunekit methods``."""
     return list(GROUP_CRITERIA.items())
 
+
+
+# --- second-order Taylor (Molchanov et al. 2019), a self-contained block ---------------------------
+
+
+def _hessian_diagonal(loss_of, params: list[Tensor], probes: int | None, generator: torch.Generator) -> list[Tensor]:
+    """Diagonal of the Hessian of ``loss_of()`` w.r.t. ``params``: Hutchinson's estimator
+    ``mean_z z * (H z)`` over ``probes`` Rademacher vectors (unbiased), or exact with ``probes=None``
+    (one Hessian-vector product per entry: tiny models and tests only)."""
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_of(), params, create_graph=True)
+        diag = [torch.zeros_like(p) for p in params]
+        if probes is None:
+            for k, p in enumerate(params):
+                for i in range(p.numel()):
+                    hv = torch.autograd.grad(grads[k].reshape(-1)[i], params[k], retain_graph=True)[0]
+                    diag[k].view(-1)[i] = hv.reshape(-1)[i].detach()
+            return diag
+        for _ in range(probes):
+            zs = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p) for p in params]
+            hvs = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=True)
+            for d, z, hv in zip(diag, zs, hvs):
+                d.add_(z * hv.detach() / probes)
+    return diag
+
+
+@GROUP_CRITERIA.register("taylor_so", "(sum w g - 1/2 sum h_ss w^2)^2 over the channel's slices, h = Hessian diagonal (Molchanov et al. 2019, second order)")
+class GroupTaylorSecondOrder(GroupCriterion):
+    """Second-order Taylor importance of a channel, Hessian-diagonal variant (Molchanov et al. 2019):
+    removing the channel's slices ``S`` changes the loss by ``-sum_S g_s w_s + 1/2 sum_S h_ss w_s^2`` to
+    second order with a diagonal Hessian, and the importance is its square, averaged over batches:
+    ``mean_b (sum_S g_s^(b) w_s - 1/2 sum_S h_ss w_s^2)^2``. ``g^(b)`` is batch ``b``'s gradient; ``h`` is
+    the Hessian diagonal of the mean calibration loss, estimated once over all batches with ``probes``
+    Hutchinson probes per batch (``probes=None``: exact, one Hessian-vector product per parameter).
+    """
+
+    needs = "gradients"
+
+    def __init__(self, probes: int | None = 8) -> None:
+        if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
+            raise ValueError(f"probes must be a positive integer or None (exact), got {probes!r}")
+        self.probes = probes
+        self._cache: tuple[ScoringContext, dict[int, Tensor]] | None = None
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        if self._cache is None or self._cache[0] is not context:
+            self._cache = (context, self._all_scores(context))
+        return self._cache[1][group.index]
+
+    def _all_scores(self, context: ScoringContext) -> dict[int, Tensor]:
+        from itertools import islice
+
+        if context.data is None:
+            raise ValueError("method 'taylor_so' is data-driven: pass data= (batches of (inputs, labels))")
+        groups = context.graph.groups()
+        infos = {id(m.info): m.info for g in groups for m in _parameters(g) if m.info.tensor.requires_grad}
+        params = [i.tensor for i in infos.values()]
+        index = {key: k for k, key in enumerate(infos)}
+        model = context.graph.model
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        generator = torch.Generator().manual_seed(context.seed)
+        gates: list[dict[int, Tensor]] = []
+        diag = [torch.zeros_like(p) for p in params]
+        try:
+            for batch in islice(context.data, context.max_batches):
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(batch_loss(model, batch, context.loss_fn), params, allow_unused=True)
+                gates.append(self._reduce(groups, index, [None if g is None else g.detach() for g in grads]))
+                h = _hessian_diagonal(lambda b=batch: batch_loss(model, b, context.loss_fn), params, self.probes,
+                                      generator)
+                for d, hb in zip(diag, h):
+                    d.add_(hb)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        if not gates:
+            raise ValueError("the calibration data yielded no batch")
+        weights = [p.detach() for p in params]  # w^2 h: the curvature term, one per channel
+        curvature = self._reduce(groups, index, [d / len(gates) * w for d, w in zip(diag, weights)])
+        return {k: torch.stack([(g[k] - 0.5 * curvature[k]).square() for g in gates]).mean(0) for k in curvature}
+
+    @staticmethod
+    def _reduce(groups, index, per_param: list[Tensor | None]) -> dict[int, Tensor]:
+        """``{group: sum over the channel's slices of w * x}`` for a per-parameter tensor ``x`` (masked
+        entries count as zero)."""
+        out = {}
+        for g in groups:
+            total = torch.zeros(g.size)
+            for m in _parameters(g):
+                k = index.get(id(m.info))
+                if k is None or per_param[k] is None:
+                    continue
+                x = per_param[k] * (m.info.mask if m.info.mask is not None else 1)
+                total += channel_reduce(m, (_rows(m) * _rows(m, x)).sum(1), g.size)
+            out[g.index] = total
+        return out

@@ -30,6 +30,7 @@ from ._version import __version__
 from .criteria import get_criterion
 from .data import digits, evaluate, loaders, train
 from .models import LeNet300100
+from .outputs import RunOutput
 from .plots import require_matplotlib
 from .pruning import prune
 from .render import Card, Column, Parts, Section, percent, print_table, seconds, table_html, times, write_json, write_page
@@ -245,13 +246,15 @@ def report_parts(results: dict[str, Any]) -> Parts:
 
 
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``results.json``, the two plots and ``report.html`` into ``out_dir`` (created if needed)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"results": write_json(out / "results.json", results)}
-    files.update(write_page(out, "prunekit demo: LeNet-300-100 on digits", report_parts(results),
-                            subtitle=f"{len(results['rows'])} runs, dense accuracy {percent(results['dense']['accuracy'])}"))
-    return files
+    """Write ``results.json``, the two plots and ``report.html`` as the folder ``out_dir``, replaced as a
+    whole: the folder holds this run's complete files, or, if writing fails, the previous ones."""
+    output = RunOutput(out_dir)
+    with output.replacing() as tmp:
+        files = {"results": write_json(tmp / "results.json", results)}
+        files.update(write_page(tmp, "prunekit demo: LeNet-300-100 on digits", report_parts(results),
+                                subtitle=f"{len(results['rows'])} runs, dense accuracy "
+                                         f"{percent(results['dense']['accuracy'])}"))
+    return output.final(files, tmp)
 
 
 def print_results(results: dict[str, Any], console: Any = None) -> None:
@@ -273,11 +276,10 @@ def demo(
     require_matplotlib()  # fail before training, not after
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"--out: {out_dir} exists and is not a folder")
     config = replace(DemoConfig.quick(seed) if quick else DemoConfig(seed=seed), threads=threads)
-    results = run_demo(config, progress=progress, console=console)
-    print_results(results, console)
-    files = write_outputs(results, out_dir)
+    with RunOutput(out_dir):  # checked and locked before the work: a second demo into it refuses
+        results = run_demo(config, progress=progress, console=console)
+        print_results(results, console)
+        files = write_outputs(results, out_dir)
     results["files"] = {k: str(v) for k, v in files.items()}
     return results

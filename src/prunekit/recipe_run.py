@@ -21,7 +21,9 @@ from .data import evaluate, loaders, make_optimizer, train
 from .pruner import Pruner
 from .pruning import prune
 from .recipes import Prepared, Recipe, TrainSpec, build_schedule, final_sparsity, prepare
-from .render import Card, Column, Parts, Section, count, kib, percent, seconds, table_html, times, write_json, write_page
+from .render import (Card, Column, Parts, Section, count, kib, percent, plural, seconds, table_html, times, write_json,
+                     write_page)
+from .outputs import RunOutput
 from .serialization import save
 
 __all__ = ["run_recipe", "report_parts", "KIND"]
@@ -53,23 +55,26 @@ def run_recipe(
 
     start = time.perf_counter()
     prepared = prepare(recipe, out_dir)  # every check happens here, before anything runs or is written
+    option = "--out" if out_dir is not None else "output.dir"
     previous_threads = torch.get_num_threads()
     if prepared.recipe.threads is not None:
         torch.set_num_threads(prepared.recipe.threads)
     try:
-        return _run(prepared, console or Console(stderr=True), latency_repeats, start)
+        # writable, and locked for this run (a second run into it refuses) before the work starts
+        with RunOutput(prepared.out_dir, option) as output:
+            return _run(prepared, output, console or Console(stderr=True), latency_repeats, start)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(prepared: Prepared, console: Any, latency_repeats: int, start: float) -> dict[str, Any]:
-    recipe, model, out = prepared.recipe, prepared.model, prepared.out_dir
+def _run(prepared: Prepared, output: RunOutput, console: Any, latency_repeats: int, start: float) -> dict[str, Any]:
+    recipe, model = prepared.recipe, prepared.model
     say = console.print
     p = recipe.prune
 
     train_loader, test_loader = loaders(prepared.train_set, prepared.test_set, recipe.data.batch_size, seed=recipe.seed)
     if recipe.train is not None and recipe.train.epochs > 0:
-        say(f"training for {recipe.train.epochs} epochs")
+        say(f"training for {plural(recipe.train.epochs, 'epoch')}")
         train(model, train_loader, epochs=recipe.train.epochs, optimizer=_optimizer(model, recipe.train))
     before = {"accuracy": evaluate(model, test_loader), **_metrics(model, prepared.example, latency_repeats)}
     say(f"before pruning: accuracy {before['accuracy']:.2%}")
@@ -112,10 +117,19 @@ def _run(prepared: Prepared, console: Any, latency_repeats: int, start: float) -
              **_metrics(model, prepared.example, latency_repeats)}
     per_layer = masking.sparsity(model, per_layer=True)
 
-    out.mkdir(parents=True, exist_ok=True)
+    with output.replacing() as out:  # the folder is replaced as a whole when every file is written
+        return _write(recipe, model, output, out, before, pruned_accuracy, after, per_layer, history, prune_report,
+                      start)
+
+
+def _write(recipe: Recipe, model: nn.Module, output: RunOutput, out: Path, before: dict, pruned_accuracy: float | None,
+           after: dict, per_layer: dict, history: list, prune_report: dict | None, start: float) -> dict[str, Any]:
+    """Write the model, the report and ``results.json`` into the temporary folder ``out`` that becomes
+    ``output``'s folder; the results name the files where they will be."""
     files = {"results": out / "results.json"}
     if recipe.output.save:
         files["model"] = save(model, out / "model.safetensors", metadata={"recipe": recipe.title})
+        after = {**after, "model_file_bytes": files["model"].stat().st_size}
     results = {
         "kind": KIND,
         "name": recipe.title,
@@ -134,7 +148,7 @@ def _run(prepared: Prepared, console: Any, latency_repeats: int, start: float) -
         parts = dataclasses.replace(report_parts(results), accuracy_rows=[])
         files.update(write_page(out, f"prunekit: {results['name']}", parts, settings_heading="Recipe",
                                 subtitle=f"{recipe.prune.method} pruning, ran in {results['wall_time_s']:.1f} s"))
-    results["files"] = {k: str(v) for k, v in files.items()}
+    results["files"] = {k: str(v) for k, v in output.final(files, out).items()}
     write_json(files["results"], results)
     return results
 
@@ -164,20 +178,27 @@ def report_parts(results: dict[str, Any]) -> Parts:
             ("FLOPs left", "flops_remaining", count),
             ("theoretical speedup", "theoretical_speedup", times),
             ("latency (batch 1)", "latency_s", seconds),
-            ("file size", "size_bytes", kib),
+            ("file size, dense format (zeros stored)", "size_bytes", kib),
+            ("file size, sparse format", "size_sparse_bytes", kib),
+            ("model.safetensors as written", "model_file_bytes", kib),
         ]
     ]
     columns = [Column("metric"), Column("before", align="right"), Column("after", align="right")]
     sections = [Section("Before and after", table_html(metric_rows, columns),
                         note="Latency: median forward time at batch 1 of the finalized model, whose zeros are "
-                        "stored in dense tensors, so unstructured sparsity does not make it faster.")]
+                        "stored in dense tensors, so unstructured sparsity does not make it faster. File sizes: the "
+                        "model saved with prunekit.save in each format; model.safetensors is the file this run "
+                        "wrote (dense format, masks included).")]
     if results.get("history"):
         sections.append(Section("Fine-tuning", table_html(results["history"], [
             Column("epoch"), Column("sparsity", format=percent), Column("accuracy", format=percent)])))
-    points = [(0.0, before["accuracy"], False), (after["sparsity"], after["accuracy"], True)]
+    # one point per sparsity and fine-tuning state: epochs at the same sparsity (one-shot pruning, then
+    # fine-tuning) are one point, the last, or the line would jump up and down at one x
+    tuned = {h["sparsity"]: h["accuracy"] for h in results.get("history", [])}
+    tuned[after["sparsity"]] = after["accuracy"]
+    points = [(0.0, before["accuracy"], False)] + [(s, a, True) for s, a in tuned.items()]
     if results.get("pruned_accuracy") is not None:
         points.append((after["sparsity"], results["pruned_accuracy"], False))
-    points += [(h["sparsity"], h["accuracy"], True) for h in results.get("history", [])[:-1]]
     settings = {k: v for k, v in results.get("settings", {}).items() if v is not None}
     return Parts(cards=cards, sections=sections, settings=settings, label="recipe",
                  accuracy_rows=[{"label": name, "sparsity": s, "accuracy": a, "finetuned": f} for s, a, f in points],

@@ -90,6 +90,7 @@ __all__ = [
     "build_model",
     "build_data",
     "build_model_and_data",
+    "load_weights",
     "prepare",
     "Prepared",
     "final_sparsity",
@@ -567,14 +568,20 @@ def build_model(recipe: Recipe) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise _fail(path, f"expected a torch.nn.Module, got {type(model).__name__}")
     if recipe.model.weights is not None:
-        file = recipe.resolve(recipe.model.weights)
-        try:
-            load(model, file)
-        except (ValueError, FileNotFoundError, OSError) as error:
-            raise _fail("model.weights", f"{file}: {error}") from None
-        except Exception as error:  # safetensors raises its own error for a file that is not one
-            raise _fail("model.weights", f"{file} is not a safetensors file ({type(error).__name__}: {error})") from None
+        load_weights(model, recipe.resolve(recipe.model.weights), "model.weights")
     return model
+
+
+def load_weights(model: nn.Module, file: str | Path, where: str) -> nn.Module:
+    """``prunekit.load(model, file)``, any failure (a missing, truncated or foreign file) a RecipeError
+    on one line that names ``where`` (the key or option) and the file."""
+    try:
+        return load(model, file)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise _fail(where, f"{file}: {' '.join(str(error).split())}") from None
+    except Exception as error:  # safetensors raises its own error for a file that is not one (or is cut short)
+        raise _fail(where, f"{file} is not a readable safetensors file ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())})") from None
 
 
 def build_data(recipe: Recipe):

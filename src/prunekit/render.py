@@ -37,7 +37,8 @@ from ._format import format_percent as percent
 from ._format import format_ratio as times
 from ._format import format_seconds as seconds
 from ._version import __version__
-from .plots import plot_accuracy_vs_sparsity, plot_layer_sparsity
+from .fileio import atomic_write
+from .plots import plot_accuracy_vs_sparsity, plot_layer_sparsity, series_label, series_styles
 
 __all__ = [
     "Column",
@@ -50,6 +51,7 @@ __all__ = [
     "count",
     "kib",
     "ratio",
+    "plural",
     "print_table",
     "headline_html",
     "image_html",
@@ -66,6 +68,11 @@ __all__ = [
 
 
 # --- formatting ----------------------------------------------------------------------------------
+
+
+def plural(n: int, word: str) -> str:
+    """``plural(1, "epoch") -> "1 epoch"``, ``plural(3, "epoch") -> "3 epochs"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _default_format(value: Any) -> str:
@@ -197,7 +204,8 @@ def table_html(
         cls = ' class="best"' if highlight is not None and highlight(row) else ""
         cells = "".join(f'<td class="{a}">{html.escape(c.cell(row))}</td>' for c, a in zip(cols, aligns))
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    # the wrapper scrolls a wide table sideways inside its section instead of widening the page
+    return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def settings_html(settings: Mapping[str, Any]) -> str:
@@ -222,6 +230,7 @@ h2{font-size:1.1rem;margin:0 0 12px}
 .card .label{color:#5b6475;font-size:.8rem;text-transform:uppercase;letter-spacing:.04em}
 .card .value{font-size:1.7rem;font-weight:600;margin:4px 0}
 img{max-width:100%;height:auto;display:block;margin:0 auto}
+.table{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;width:100%;font-size:.88rem}
 th,td{padding:5px 8px;border-bottom:1px solid #eceff3}
 th{background:#f0f2f5;position:sticky;top:0}
@@ -229,7 +238,9 @@ td.right,th.right{text-align:right;font-variant-numeric:tabular-nums}
 td.left,th.left{text-align:left}
 tr.best td{background:#eaf6ec;font-weight:600}
 tbody tr:hover td{background:#f5f8ff}
-dl.settings{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}
+dl.settings{display:grid;grid-template-columns:max-content minmax(0,1fr);gap:4px 16px;margin:0}
+dd{min-width:0}
+@media (max-width:640px){main{padding:8px}section{padding:10px 12px}dl.settings{grid-template-columns:minmax(0,1fr)}}
 dt{font-weight:600}dd{margin:0}code{font-size:.85rem;word-break:break-word}
 footer{color:#8a92a3;font-size:.8rem;text-align:center;padding:8px}
 """
@@ -255,9 +266,7 @@ def write_html(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
         f"<body><main>{''.join(parts)}</main></body></html>\n"
     )
-    path = Path(path)
-    path.write_text(document, encoding="utf-8")
-    return path
+    return atomic_write(path, document)
 
 
 
@@ -273,10 +282,8 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON (non-finite floats as null)."""
-    path = Path(path)
-    path.write_text(json.dumps(json_safe(data), indent=2) + "\n", encoding="utf-8")
-    return path
+    """Write ``data`` as indented JSON (non-finite floats as null), atomically."""
+    return atomic_write(path, json.dumps(json_safe(data), indent=2) + "\n")
 
 
 # --- the page builder -----------------------------------------------------------------------------
@@ -302,6 +309,7 @@ class Parts:
     per_layer: Mapping[str, float] | None = None
     files: dict[str, Path] = field(default_factory=dict)
     label: str = ""
+    reference_label: str = "dense"
     accuracy_title: str = "Accuracy vs sparsity"
     layer_title: str = "Sparsity per layer"
 
@@ -316,8 +324,9 @@ class Parts:
             cards=self.cards + other.cards,
             sections=self.sections + other.sections,
             settings={**prefixed(self), **prefixed(other)},
-            accuracy_rows=list(self.accuracy_rows) + list(other.accuracy_rows),
+            accuracy_rows=list(self.accuracy_rows) + _relabelled(other.accuracy_rows, self.accuracy_rows),
             dense_accuracy=self.dense_accuracy if first else other.dense_accuracy,
+            reference_label=self.reference_label if first else other.reference_label,
             per_layer=self.per_layer or other.per_layer,
             files={**self.files, **other.files},
             accuracy_title=self.accuracy_title if self.accuracy_rows else other.accuracy_title,
@@ -325,7 +334,42 @@ class Parts:
         )
 
 
-ACCURACY_NOTE = "Dashed: right after pruning; solid: after fine-tuning. Dotted: the dense model."
+def _relabelled(rows: Sequence[Mapping[str, Any]], taken: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``rows`` with every series label that ``taken`` already uses renamed ``"label (2)"`` (``(3)``...):
+    two runs with the same name stay two series, never one line jumping between them."""
+    used = {series_label(row) for row in taken}
+    renamed: dict[str, str] = {}
+    for label in dict.fromkeys(series_label(row) for row in rows):
+        new, n = label, 1
+        while new in used:
+            n += 1
+            new = f"{label} ({n})"
+        used.add(new)
+        renamed[label] = new
+    return [row if renamed[series_label(row)] == series_label(row) else {**row, "label": renamed[series_label(row)]}
+            for row in rows]
+
+
+def series_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The numbers behind an accuracy plot, one list item per line drawn (series and fine-tuning), with
+    its colour, marker and line style as data attributes, so the plot can be read without the image."""
+    styles = series_styles(rows)
+    lines: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+    for row in rows:
+        lines.setdefault((series_label(row), bool(row.get("finetuned"))), []).append(
+            (float(row["sparsity"]), float(row["accuracy"])))
+    items = []
+    for (label, finetuned), points in lines.items():
+        style = styles[label]
+        shown = ", ".join(f"{100 * x:.3g}%: {percent(y)}" for x, y in sorted(points))
+        items.append(f'<li data-series="{html.escape(label)}" data-color="{style["color"]}" '
+                     f'data-marker="{html.escape(style["marker"])}" data-line="{"solid" if finetuned else "dashed"}">'
+                     f'{html.escape(label)}, {"fine-tuned" if finetuned else "no fine-tuning"}: {html.escape(shown)}</li>')
+    return f'<details class="series"><summary>the numbers behind the plot</summary><ul>{"".join(items)}</ul></details>'
+
+
+ACCURACY_NOTE = ("Dashed, hollow markers: right after pruning; solid, filled: after fine-tuning. Dotted: {}. "
+                 "Lines are drawn slightly apart sideways so that equal ones stay visible.")
 
 
 def write_page(
@@ -351,9 +395,11 @@ def write_page(
     out.mkdir(parents=True, exist_ok=True)
     if parts.accuracy_rows:
         files["accuracy_plot"] = plot_accuracy_vs_sparsity(
-            parts.accuracy_rows, out / "accuracy_vs_sparsity.png", parts.dense_accuracy, title=parts.accuracy_title)
+            parts.accuracy_rows, out / "accuracy_vs_sparsity.png", parts.dense_accuracy, title=parts.accuracy_title,
+            reference_label=parts.reference_label)
         sections.append(Section("Accuracy against sparsity", image_html(files["accuracy_plot"],
-                                "accuracy against sparsity, one line per method"), note=ACCURACY_NOTE))
+                                "accuracy against sparsity, one line per method") + series_html(parts.accuracy_rows),
+                                note=ACCURACY_NOTE.format(parts.reference_label)))
     if parts.per_layer:
         files["layer_plot"] = plot_layer_sparsity(parts.per_layer, out / "layer_sparsity.png", title=parts.layer_title)
         sections.append(Section("Sparsity per layer", image_html(files["layer_plot"], "pruned fraction per layer")))

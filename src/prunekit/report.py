@@ -55,7 +55,7 @@ from .render import (  # noqa: F401  (re-exported: the report's building blocks,
 )
 from .scope import check_sparsity
 from .sensitivity_analysis import plot_sensitivity
-from .serialization import load
+from .outputs import RunOutput
 
 __all__ = [
     "Column",
@@ -157,20 +157,27 @@ def accuracy_sweep(
 ) -> list[dict[str, Any]]:
     """Rows for :func:`~prunekit.plots.plot_accuracy_vs_sparsity`: ``evaluate`` of a copy of ``model``
     pruned at each sparsity with each scope (no fine-tuning), plus the sensitivity allocation when a
-    result is given. Rows carry ``per_layer`` sparsities too."""
+    result is given. Rows carry ``per_layer`` sparsities too.
+
+    A model that is already pruned is not taken for a dense one: the sweep starts from it, its series
+    say so (``"magnitude (global), from 80% sparse"``), grid points at or below its sparsity are left
+    out (pruning less than it has changes nothing), and each row's ``sparsity`` is the one reached."""
     rows = []
+    start = masking.sparsity(model) if masking.masks(model) else 0.0
+    suffix = f", from {start:.0%} sparse" if start else ""
     labelled: list[tuple[str, Any]] = [(scope, scope) for scope in scopes]
     if sensitivity is not None:
         labelled.append(("sensitivity", sensitivity_analysis.as_result(sensitivity)))
-    for sparsity in sparsities:
+    for sparsity in [s for s in sparsities if s > start + 1e-9]:
         for name, scope in labelled:
             pruned = copy.deepcopy(model)
             if name == "sensitivity":
                 prune(pruned, scope=scope.allocate(sparsity=sparsity))
             else:
                 prune(pruned, sparsity, method=method, scope=scope)
-            rows.append({"label": f"{method} ({name})", "method": method, "scope": name, "sparsity": sparsity,
-                         "finetuned": False, "accuracy": float(evaluate(pruned)),
+            reached = masking.sparsity(pruned) if start else sparsity
+            rows.append({"label": f"{method} ({name}){suffix}", "method": method, "scope": name, "sparsity": reached,
+                         "target": sparsity, "finetuned": False, "accuracy": float(evaluate(pruned)),
                          "per_layer": masking.sparsity(pruned, per_layer=True)})
     return rows
 
@@ -267,6 +274,7 @@ def write_report(
     accuracy_rows: Sequence[Mapping[str, Any]] = (),
     dense_accuracy: float | None = None,
     title: str = "prunekit report",
+    reference_label: str = "dense",
 ) -> dict[str, Path]:
     """Write ``report.html`` and its PNG plots into ``out_dir`` from whatever is given, and return the
     paths written.
@@ -275,16 +283,29 @@ def write_report(
     sparse-inference benchmark's; see :func:`load_results`); each producer builds its own part. The
     other arguments add what a model gives: a sensitivity result (:func:`prunekit.sensitivity`), a
     :func:`measure_speed_size` dict, per-layer sparsities, and rows of accuracy against sparsity
-    (:func:`accuracy_sweep`). Sections: headline numbers, accuracy against sparsity, per-layer sparsity
-    bars, then each part's sections (sensitivity curves, speed and size, every results table), and the
-    settings; each appears when its data is there.
+    (:func:`accuracy_sweep`), with ``dense_accuracy`` the dotted reference line (``reference_label``
+    names it). Sections: headline numbers, accuracy against sparsity, per-layer sparsity bars, then each
+    part's sections (sensitivity curves, speed and size, every results table), and the settings; each
+    appears when its data is there.
+
+    ``out_dir`` is replaced as a whole (written as a temporary sibling, then renamed): it holds this
+    report's complete files, or, if writing fails, the previous ones.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
+    output = RunOutput(out_dir)
     kinds = [result_kind(data) for data in results]  # every file is checked before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    page = Parts(accuracy_rows=list(accuracy_rows), dense_accuracy=dense_accuracy, per_layer=per_layer)
+    with output.replacing() as tmp:
+        files = _write_page(tmp, title, kinds, results, sensitivity, speed_size, per_layer, accuracy_rows,
+                            dense_accuracy, reference_label)
+    return output.final(files, tmp)
+
+
+def _write_page(out: Path, title: str, kinds: list[str], results: Sequence[Mapping[str, Any]], sensitivity: Any,
+                speed_size: Mapping[str, Any] | None, per_layer: Mapping[str, float] | None,
+                accuracy_rows: Sequence[Mapping[str, Any]], dense_accuracy: float | None,
+                reference_label: str) -> dict[str, Path]:
+    """Each result's part from its producer, merged, as one page in ``out``."""
+    page = Parts(accuracy_rows=list(accuracy_rows), dense_accuracy=dense_accuracy, per_layer=per_layer,
+                 reference_label=reference_label)
     tables = Parts()
     for kind, data in zip(kinds, results):
         if kind == "demo":
@@ -336,15 +357,23 @@ def build_report(
     if (sensitivity or sweep or weights is not None) and recipe is None:
         raise ValueError("--sensitivity, --sweep and --weights need --recipe (the model's architecture and data)")
     require_matplotlib()
-    model = None
+    model = test_set = example = None
     if recipe is not None:
         model, _, test_set, example = recipes.build_model_and_data(recipes.load_recipe(recipe))
         if weights is not None:
-            load(model, weights)
+            recipes.load_weights(model, weights, "--weights")
         model.eval()
     if not loaded and model is None:
         raise ValueError("nothing to report: give results files (JSON) and/or --recipe")
+    with RunOutput(out_dir):  # writable, and not in use by another run, before anything is measured
+        return _measure_and_write(out_dir, loaded, model, test_set, example, sensitivity=sensitivity, sweep=sweep,
+                                  grid=grid, target=target, speed=speed, threads=threads, title=title,
+                                  progress=progress, console=console)
 
+
+def _measure_and_write(out_dir, loaded, model, test_set, example, *, sensitivity, sweep, grid, target, speed, threads,
+                       title, progress, console) -> dict[str, Path]:
+    """:func:`build_report` once everything is checked: measure the model, then write the report."""
     extra: dict[str, Any] = {}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -358,6 +387,8 @@ def build_report(
             if sweep:
                 extra["accuracy_rows"] = accuracy_sweep(model, accuracy, grid, sensitivity=extra.get("sensitivity"))
                 extra["dense_accuracy"] = evaluate(model, loader)
+                if masking.masks(model):  # the reference line is the pruned model given, not a dense one
+                    extra["reference_label"] = f"the given model, {masking.sparsity(model):.1%} sparse"
             if masking.masks(model):
                 extra["per_layer"] = masking.sparsity(model, per_layer=True)
             elif "sensitivity" in extra:

@@ -41,6 +41,7 @@ from torch import nn
 
 from . import masking
 from .granularity import NM
+from .modules import fraction_pruned
 from .plots import plot_curves
 from .pruning import PruningSpec, prune
 from .render import Column, Parts, Section, count, image_html, percent, table_html, write_json
@@ -178,6 +179,7 @@ def sensitivity(
     names = [t.name for t in spec.targets]
     baseline = _score(evaluate, work, "the unpruned model")
     curves: dict[str, list[float]] = {}
+    achieved: dict[str, list[float]] = {}  # each point's real sparsity: an already pruned layer keeps its own
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -186,19 +188,24 @@ def sensitivity(
         task = bar.add_task("sensitivity analysis", total=len(names) * len(grid))
         for name in names:
             saved_values, saved_mask = _snapshot(work, name)
-            curve = []
+            curve, real = [], []
             for s in grid:
                 bar.update(task, description=f"{name} at {s:.0%}")
                 prune(work, s, method=method, granularity=granularity, scope="local", targets=[name],
                       data=data, loss_fn=loss_fn, seed=seed, max_batches=max_batches)
                 curve.append(_score(evaluate, work, f"{name} at sparsity {s:g}"))
+                real.append(fraction_pruned(masking.get_mask(work, name)))
                 _restore(work, name, saved_values, saved_mask)
                 bar.advance(task)
             curves[name] = curve
+            achieved[name] = real
         bar.update(task, description="sensitivity analysis done")
     sizes = {t.name: t.numel() for t in spec.targets}
+    extra: dict[str, Any] = {}
+    if masking.masks(model):  # analysed from a pruned model: say so, and where each point really is
+        extra = {"start_sparsity": masking.sparsity(model), "achieved": achieved}
     return SensitivityResult(grid, curves, baseline, sizes, spec.method_name, spec.granularity.name,
-                             higher_is_better, metric)
+                             higher_is_better, metric, extra)
 
 
 def _score(evaluate: Callable[[nn.Module], float], model: nn.Module, what: str) -> float:
@@ -342,10 +349,27 @@ def plot_sensitivity(
     result = as_result(result)
     scale = 100.0 if _as_percent(result) else 1.0
     ylabel = result.metric + (" (%)" if scale == 100.0 else "") + ("" if result.higher_is_better else ", lower is better")
-    curves = {f"{name} ({result.sizes.get(name, 0):,})": values for name, values in result.curves.items()}
-    return plot_curves(result.sparsities, curves, path, baseline=result.baseline, baseline_label="unpruned",
-                       xlabel="sparsity of the one pruned layer", ylabel=ylabel,
+    labels = {name: f"{name} ({result.sizes.get(name, 0):,})" for name in result.curves}
+    curves = {labels[name]: values for name, values in result.curves.items()}
+    start = result.extra.get("start_sparsity")
+    achieved = result.extra.get("achieved") or {}
+    xs = {labels[name]: achieved.get(name, result.sparsities) for name in result.curves}
+    given = "unpruned" if start is None else f"the given model ({start:.1%} sparse)"
+    return plot_curves(xs, curves, path, baseline=result.baseline, baseline_label=given,
+                       xlabel="real sparsity of the one pruned layer", ylabel=ylabel,
                        title=f"{title} ({result.method}, {result.granularity})", scale=scale)
+
+
+def _start(result: SensitivityResult) -> str:
+    start = result.extra.get("start_sparsity")
+    return "unpruned" if start is None else f"the given model ({start:.1%} sparse)"
+
+
+def _pruned_note(result: SensitivityResult) -> str:
+    if result.extra.get("start_sparsity") is None:
+        return ""
+    return (" The analysis starts from an already pruned model, not a dense one: a layer pruned beyond a point "
+            "of the grid stays at its own sparsity, and the plot shows each point at its real sparsity.")
 
 
 def report_parts(result: SensitivityResult | Mapping[str, Any], out_dir: str | os.PathLike) -> Parts:
@@ -357,6 +381,7 @@ def report_parts(result: SensitivityResult | Mapping[str, Any], out_dir: str | o
         Column(f"{100 * s:g}%", format=percent) if _as_percent(result) else Column(f"{100 * s:g}%")
         for s in result.sparsities]
     section = Section("Sensitivity of each layer", image_html(png, "sensitivity curves") + table_html(result.rows(), cols),
-                      note=f"{result.metric} with one layer pruned alone ({result.method}); unpruned: "
-                           f"{result.baseline:.4g}. Flat curves can be pruned hard; steep ones are fragile.")
+                      note=f"{result.metric} with one layer pruned alone ({result.method}); {_start(result)}: "
+                           f"{result.baseline:.4g}. Flat curves can be pruned hard; steep ones are fragile."
+                           + _pruned_note(result))
     return Parts(sections=[section], files={"sensitivity_plot": png})

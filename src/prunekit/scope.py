@@ -23,7 +23,7 @@ from .granularity import num_to_prune
 from .modules import matches
 from .registry import Registry
 
-__all__ = ["LayerScores", "Cut", "SCOPES", "get_scope", "kth_cut", "erk_sparsities", "lamp_scores"]
+__all__ = ["LayerScores", "Cut", "SCOPES", "get_scope", "kth_cut", "per_layer_cuts", "erk_sparsities", "lamp_scores"]
 
 _CHUNK = 1 << 18  # elements per chunk when computing keys: bounds temporary memory
 _BINS = 1 << 16
@@ -139,7 +139,8 @@ def cap_count(cap: float | None, total: int) -> int:
     return total if cap is None else math.floor(cap * total + 1e-9)
 
 
-def _local(layers: Sequence[LayerScores], sparsities: Sequence[float], cap: float | None) -> list[Cut]:
+def per_layer_cuts(layers: Sequence[LayerScores], sparsities: Sequence[float], cap: float | None) -> list[Cut]:
+    """Each layer cut at its own sparsity (at most ``cap`` of its groups)."""
     return [
         kth_cut([layer], min(num_to_prune(s, layer.num_groups), cap_count(cap, layer.num_groups)))[0]
         for layer, s in zip(layers, sparsities)
@@ -226,7 +227,7 @@ class Scope:
 
 class Local(Scope):
     def cuts(self, layers, sparsity, cap):
-        return _local(layers, [sparsity] * len(layers), cap)
+        return per_layer_cuts(layers, [sparsity] * len(layers), cap)
 
 
 class Global(Scope):
@@ -248,7 +249,7 @@ class Lamp(Scope):
 
 class Erk(Scope):
     def cuts(self, layers, sparsity, cap):
-        return _local(layers, erk_sparsities([l.shape for l in layers], sparsity), cap)
+        return per_layer_cuts(layers, erk_sparsities([l.shape for l in layers], sparsity), cap)
 
 
 class PerLayer(Scope):
@@ -275,7 +276,7 @@ class PerLayer(Scope):
         return out
 
     def cuts(self, layers, sparsity, cap):
-        return _local(layers, self.sparsities([l.name for l in layers], sparsity), cap)
+        return per_layer_cuts(layers, self.sparsities([l.name for l in layers], sparsity), cap)
 
 
 SCOPES: Registry[type[Scope]] = Registry("scope")

@@ -45,7 +45,7 @@ from .modules import fraction_pruned
 from .plots import plot_curves
 from .pruning import PruningSpec, prune
 from .render import Column, Parts, Section, count, image_html, percent, table_html, write_json
-from .scope import Scope, _local, check_sparsity
+from .scope import Scope, check_sparsity, per_layer_cuts
 
 __all__ = ["sensitivity", "SensitivityResult", "SensitivityScope", "allocate", "plot_sensitivity", "report_parts",
            "KIND"]
@@ -323,7 +323,7 @@ class SensitivityScope(Scope):
                 + (f"; analysed but not targeted: {', '.join(extra)}" if extra else "")
             )
         plan = allocate(self.result, sparsity, self.max_loss)
-        return _local(layers, [plan[layer.name] for layer in layers], cap)
+        return per_layer_cuts(layers, [plan[layer.name] for layer in layers], cap)
 
 
 # --- its report ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ Everything is validated (names, ratios, data, the graph) before the model change
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,12 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import masking
+from ..modules import call_model, eval_mode, matches
 from ..pruning import options_from_kwargs, options_signature
 from ..registry import unknown_name_message
 from ..scope import check_sparsity
 from ..statistics import LossFn
 from .criteria import GroupCriterion, ScoringContext, get_group_criterion
-from .graph import DependencyGraph, Group, split_inputs
+from .graph import DependencyGraph, Group
 from .hf_io import mlp_layers, sync_config
 from .surgery import channel_masks, remove_channels
 
@@ -120,8 +120,7 @@ def check_round_to(round_to) -> int | None:
 
 
 def _group_matches(group: Group, pattern: str) -> bool:
-    names = group.producers or group.layers
-    return any(n == pattern or fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".") for n in names)
+    return any(matches(n, pattern) for n in group.producers or group.layers)
 
 
 def _ratios(groups: list[Group], ratio) -> list[float]:
@@ -226,15 +225,8 @@ def select_channels(
 
 
 def _output_shapes(model: nn.Module, example_inputs: Any) -> list:
-    args, kwargs = split_inputs(example_inputs)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*args, **kwargs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        out = call_model(model, example_inputs)
     shapes = []
 
     def walk(o):

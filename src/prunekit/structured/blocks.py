@@ -24,9 +24,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..modules import call_model, eval_mode, replace_module, split_inputs
 from ..registry import unknown_name_message
 from ..statistics import LossFn, batch_loss, move_to
-from .graph import FxTracer, split_inputs
+from .graph import FxTracer
 from .statistics import split_batch
 
 __all__ = ["RemovedBlock", "residual_blocks", "block_scores", "remove_blocks", "BLOCK_METHODS"]
@@ -76,26 +77,13 @@ def _io_shapes(model: nn.Module, example_inputs: Any, names: Sequence[str]) -> d
             if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
                 shapes.setdefault(name, (tuple(args[0].shape), tuple(output.shape)))
         handles.append(modules[name].register_forward_hook(hook))
-    args, kwargs = split_inputs(example_inputs)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
-            model(*args, **kwargs)
+        with eval_mode(model), torch.no_grad():
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return shapes
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
 
 
 def block_scores(
@@ -110,50 +98,44 @@ def block_scores(
     if method not in BLOCK_METHODS:
         raise ValueError(unknown_name_message("block method", method, BLOCK_METHODS))
     modules = dict(model.named_modules())
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
-    try:
-        with torch.no_grad():
-            if method == "residual":
-                sums = {b: 0.0 for b in blocks}
-                counts = {b: 0 for b in blocks}
-                handles = []
-                for b in blocks:
-                    def hook(module, args, output, b=b):
-                        x = args[0]
-                        sums[b] += float((output - x).norm() / x.norm().clamp_min(1e-12))
-                        counts[b] += 1
-                    handles.append(modules[b].register_forward_hook(hook))
-                try:
-                    for batch in islice(data, max_batches):
-                        args, kwargs, _ = split_batch(batch)
-                        model(*move_to(args, device), **move_to(kwargs, device))
-                finally:
-                    for h in handles:
-                        h.remove()
-                if not any(counts.values()):
-                    raise ValueError("the data yielded no batch")
-                return {b: sums[b] / max(counts[b], 1) for b in blocks}
-            batches = list(islice(data, max_batches))
-            if not batches:
-                raise ValueError("the data yielded no batch")
-
-            def mean_loss() -> float:
-                return sum(float(batch_loss(model, b, loss_fn)) for b in batches) / len(batches)
-
-            base = mean_loss()
-            scores = {}
+    with eval_mode(model), torch.no_grad():
+        if method == "residual":
+            sums = {b: 0.0 for b in blocks}
+            counts = {b: 0 for b in blocks}
+            handles = []
             for b in blocks:
-                old = _replace(model, b, RemovedBlock())
-                try:
-                    scores[b] = mean_loss() - base
-                finally:
-                    _replace(model, b, old)
-            return scores
-    finally:
-        for m, mode in modes:
-            m.training = mode
+                def hook(module, args, output, b=b):
+                    x = args[0]
+                    sums[b] += float((output - x).norm() / x.norm().clamp_min(1e-12))
+                    counts[b] += 1
+                handles.append(modules[b].register_forward_hook(hook))
+            try:
+                for batch in islice(data, max_batches):
+                    args, kwargs, _ = split_batch(batch)
+                    model(*move_to(args, device), **move_to(kwargs, device))
+            finally:
+                for h in handles:
+                    h.remove()
+            if not any(counts.values()):
+                raise ValueError("the data yielded no batch")
+            return {b: sums[b] / max(counts[b], 1) for b in blocks}
+        batches = list(islice(data, max_batches))
+        if not batches:
+            raise ValueError("the data yielded no batch")
+
+        def mean_loss() -> float:
+            return sum(float(batch_loss(model, b, loss_fn)) for b in batches) / len(batches)
+
+        base = mean_loss()
+        scores = {}
+        for b in blocks:
+            old = replace_module(model, b, RemovedBlock())
+            try:
+                scores[b] = mean_loss() - base
+            finally:
+                replace_module(model, b, old)
+        return scores
 
 
 def remove_blocks(
@@ -192,5 +174,5 @@ def remove_blocks(
     scores = block_scores(model, candidates, data, method, loss_fn, max_batches)
     chosen = sorted(candidates, key=lambda b: (scores[b], candidates.index(b)))[:count]
     for b in chosen:
-        _replace(model, b, RemovedBlock())
+        replace_module(model, b, RemovedBlock())
     return {b: scores[b] for b in chosen}

@@ -20,8 +20,7 @@ channels are never removed. The model's outputs are pinned too, so they keep the
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..modules import eval_mode, matches, split_inputs
 from ..registry import unknown_name_message
 from ._types import TensorInfo, UnsupportedOperationError
 from .context import Op, TraceState
@@ -37,7 +37,7 @@ from .hf import prepare as prepare_transformers
 from .rules import module_rule
 from .tracing import eager_trace
 
-__all__ = ["DependencyGraph", "Group", "Member", "UnsupportedOperationError", "Boundary", "FxTracer", "split_inputs"]
+__all__ = ["DependencyGraph", "Group", "Member", "UnsupportedOperationError", "Boundary", "FxTracer"]
 
 Labels = dict  # {dim: LongTensor of atom ids}; a tuple output has a list of these
 
@@ -109,15 +109,6 @@ class FxTracer(fx.Tracer):
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
         return super().is_leaf_module(m, module_qualified_name)
-
-
-def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """Positional and keyword arguments of a call on ``example_inputs`` (tensor, tuple or dict)."""
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, tuple):
-        return example_inputs, {}
-    return (example_inputs,), {}
 
 
 _KINDS = {"call_module": "module", "call_function": "function", "call_method": "method"}
@@ -219,13 +210,13 @@ class DependencyGraph:
     def _check_exclude(self) -> None:
         names = [n for n, _ in self.model.named_modules()]
         for pattern in self.exclude:
-            if not any(_matches(n, pattern) for n in names):
+            if not any(matches(n, pattern) for n in names):
                 raise ValueError(f"exclude pattern {pattern!r} matches no module of the model")
 
     def _pin_excluded(self) -> None:
         for info in self._state.infos.values():
             for pattern in self.exclude:
-                if any(_matches(o[0], pattern) for o in info.owners):
+                if any(matches(o[0], pattern) for o in info.owners):
                     for atoms in info.dims.values():
                         self._atoms.pin(atoms, info.name, f"excluded by {pattern!r}")
 
@@ -233,23 +224,17 @@ class DependencyGraph:
         args, kwargs = split_inputs(example_inputs)
         args = list(args)
         state = self._state
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for node in self.fx_graph.nodes:
-                    if node.op == "placeholder":
-                        state.set_input(node, self._placeholder(node, args, kwargs))
-                    elif node.op == "get_attr":
-                        state.set_attribute(node, _fetch(self.model, node.target))
-                    elif node.op == "output":
-                        state.pin_outputs(node.args, node.name)
-                    else:
-                        op = self._ops[node]
-                        state.record(node, op, state.execute(op))
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with eval_mode(self.model), torch.no_grad():
+            for node in self.fx_graph.nodes:
+                if node.op == "placeholder":
+                    state.set_input(node, self._placeholder(node, args, kwargs))
+                elif node.op == "get_attr":
+                    state.set_attribute(node, _fetch(self.model, node.target))
+                elif node.op == "output":
+                    state.pin_outputs(node.args, node.name)
+                else:
+                    op = self._ops[node]
+                    state.record(node, op, state.execute(op))
 
     def _placeholder(self, node: fx.Node, args: list, kwargs: dict) -> Any:
         name = node.target.lstrip("*")
@@ -424,7 +409,3 @@ def _fetch(model: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .blocks import RemovedBlock, _replace
+from ..modules import replace_module
+from .blocks import RemovedBlock
 from .rules import module_rule
 from .surgery import RESIZED_ATTR, Sizes
 
@@ -135,7 +136,7 @@ class Structure:
             raise ValueError("the saved structure does not fit this model: " + "; ".join(problems[:10]))
         for name in self.removed:
             if not isinstance(model.get_submodule(name), RemovedBlock):
-                _replace(model, name, RemovedBlock())
+                replace_module(model, name, RemovedBlock())
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name, rec in self.modules.items():

@@ -38,7 +38,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whatever is installed
 
 import prunekit as pk  # noqa: E402
+from measuring import cpu_name, peak_rss, rss, run_child, source_state, trim  # noqa: E402
 
 METHODS = {
     "torch": "torch.nn.utils.prune.global_unstructured(L1Unstructured)",
@@ -122,40 +122,6 @@ def fill_distinct(weights: list[torch.Tensor], seed: int) -> None:
 # --- measuring one call in a child process ---------------------------------------------------------
 
 
-def _status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _trim() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that RSS counts live memory only.
-
-    Without it, temporaries freed before the call stay resident, and the call's own allocations can
-    reuse them without raising RSS: its extra memory would be undercounted."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _prune(method: str, model: nn.Module, linears: list[nn.Linear], sparsity: float) -> None:
     if method == "prunekit":
         pk.prune(model, sparsity, method="magnitude", scope="global")
@@ -190,58 +156,28 @@ def measure(
     model, linears = build_model(params)
     numel = sum(lin.weight.numel() for lin in linears)
     gc.collect()
-    _trim()
-    reset = _reset_peak()
-    before = _status()
-    t0 = time.perf_counter()
-    _prune(method, model, linears, sparsity)
-    wall = time.perf_counter() - t0
-    after = _status()
+    with peak_rss() as memory:
+        t0 = time.perf_counter()
+        _prune(method, model, linears, sparsity)
+        wall = time.perf_counter() - t0
     gc.collect()
-    _trim()
-    settled = _status()
+    trim()
+    settled = rss()
     keep = _keep_masks(method, model, linears)
     kept = sum(int(m.sum()) for m in keep)
     if mask_path:
         np.save(mask_path, np.concatenate([np.packbits(m.reshape(-1).numpy()) for m in keep]))
-    peak_extra = after["VmHWM"] - before["VmRSS"]
-    if not reset:  # the peak may predate the call: only what exceeds it is seen
-        peak_extra = max(after["VmHWM"] - before["VmHWM"], 0)
     return {
         "method": method,
         "sparsity": sparsity,
         "wall_s": wall,
-        "peak_extra_bytes": peak_extra,
-        "peak_exact": reset,
-        "retained_bytes": settled["VmRSS"] - before["VmRSS"],
-        "rss_before_bytes": before["VmRSS"],
+        "peak_extra_bytes": memory["peak_extra_bytes"],
+        "peak_exact": memory["exact"],
+        "retained_bytes": settled["VmRSS"] - memory["rss_before_bytes"],
+        "rss_before_bytes": memory["rss_before_bytes"],
         "numel": numel,
         "kept": kept,
     }
-
-
-def _child(conn, *args) -> None:
-    try:
-        conn.send(measure(*args))
-    except BaseException:
-        conn.send({"error": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
-def run_child(ctx, *args) -> dict:
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, *args))
-    proc.start()
-    child.close()
-    try:
-        result = parent.recv()
-    except EOFError:
-        result = {"error": "the child died without a result (killed for memory?)"}
-    proc.join()
-    if "error" not in result and proc.exitcode != 0:
-        result = {"error": f"child exit code {proc.exitcode}"}
-    return result
 
 
 # --- the benchmark --------------------------------------------------------------------------------
@@ -330,7 +266,7 @@ def main(argv=None) -> dict:
         if not 0.0 < s < 1.0:
             raise SystemExit(f"--sparsity must be in (0, 1), got {s}")
     ctx = mp.get_context(args.start_method)
-    source = _source_state()  # children fork from this process: they run the code imported above
+    source = source_state()  # children fork from this process: they run the code imported above
     width, shapes = layer_shapes(args.params)
     numel = sum(o * i for o, i in shapes)
     weight_bytes = numel * 4
@@ -347,7 +283,7 @@ def main(argv=None) -> dict:
                 order = list(METHODS) if rep % 2 == 0 else list(reversed(METHODS))  # alternate who goes first
                 for m in order:
                     mask_path = os.path.join(tmp, f"{m}-{s}.npy") if rep == 0 else None
-                    r = run_child(ctx, m, args.params, s, args.threads, mask_path, not args.no_warmup)
+                    r = run_child(ctx, measure, m, args.params, s, args.threads, mask_path, not args.no_warmup)
                     if "error" in r:
                         print(f"sparsity {s} {m}: FAILED\n{r['error']}", file=sys.stderr, flush=True)
                         failed = True
@@ -390,7 +326,7 @@ def main(argv=None) -> dict:
         "environment": {
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"),
             "prunekit_commit": source["commit"],
@@ -416,31 +352,6 @@ def main(argv=None) -> dict:
         print("MASKS DIFFER: " + "; ".join(problems), file=sys.stderr)
         raise SystemExit(1)
     return result
-
-
-def _source_state() -> dict:
-    """The commit and the locally modified files of src/ that were measured (read-only git calls)."""
-    import subprocess
-
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.rstrip("\n")
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
-            "modified": [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

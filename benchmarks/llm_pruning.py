@@ -8,7 +8,7 @@ on a tiny model, then measures
 
 * the wall time of ``prunekit.llm.prune`` and of every block (statistics pass, pruning, output pass),
 * the peak extra resident memory of the call (``VmHWM`` after it minus ``VmRSS`` before it, the peak
-  reset with ``/proc/self/clear_refs`` after ``malloc_trim``; the same method as global_magnitude.py),
+  reset with ``/proc/self/clear_refs`` after ``malloc_trim``: ``measuring.peak_rss``),
 * perplexity on held-out built-in text before and after, and the relative change of the final hidden
   states, ``||h - h_dense|| / ||h_dense||``. **With random weights the perplexity is meaningless in
   absolute terms** (it sits near the vocabulary size whatever happens); the hidden-state change is the
@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whateve
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prunekit as pk  # noqa: E402
-from global_magnitude import _cpu_name, _reset_peak, _source_state, _status, _trim  # noqa: E402
+from measuring import cpu_name, peak_rss, run_child, source_state  # noqa: E402
 
 _MB = 1 << 20
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -128,15 +128,12 @@ def measure(method: str, model_name: str, data_path: str, threads: int, seq_len:
     if mode == "time":
         out["perplexity_before"] = pk.llm.perplexity(model, held, seq_len=seq_len, batch_size=8)
         h_dense = _hidden(model, held, seq_len)
-    _trim()
-    exact_peak = _reset_peak()
-    before = _status()
-    start = time.perf_counter()
-    report = pk.llm.prune(model, calib, method=method, pattern=pattern, batch_size=8)
-    out["wall_s"] = time.perf_counter() - start
-    after = _status()
-    out["peak_extra_bytes"] = after["VmHWM"] - before["VmRSS"] if exact_peak else max(after["VmHWM"] - before["VmHWM"], 0)
-    out["peak_exact"] = exact_peak
+    with peak_rss() as memory:
+        start = time.perf_counter()
+        report = pk.llm.prune(model, calib, method=method, pattern=pattern, batch_size=8)
+        out["wall_s"] = time.perf_counter() - start
+    out["peak_extra_bytes"] = memory["peak_extra_bytes"]
+    out["peak_exact"] = memory["exact"]
     out["block_seconds"] = report.block_seconds
     out["sparsity"] = float(pk.sparsity(model))
     if mode == "time":
@@ -157,31 +154,6 @@ def accounted_bytes(model_name: str, samples: int, seq_len: int) -> dict:
                 for b in blocks for m in b.modules() if m is not b and pk.llm.blocks.is_prunable(m))
     return {"hidden_states": samples * seq_len * hidden * 4, "masks": masks,
             "hessians_one_block": sum(i * i * 4 for i in in_features)}
-
-
-def _child(conn, *args) -> None:
-    try:
-        conn.send(measure(*args))
-    except BaseException:
-        import traceback
-
-        conn.send({"error": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
-def run_child(ctx, *args) -> dict:
-    """``measure(*args)`` in a fresh forked process."""
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, *args))
-    proc.start()
-    child.close()
-    try:
-        result = parent.recv()
-    except EOFError:
-        result = {"error": "the child died without a result (killed for memory?)"}
-    proc.join()
-    return result
 
 
 # --- MiniLM quality ----------------------------------------------------------------------------------------
@@ -320,10 +292,10 @@ def main(argv=None) -> dict:
         save_file({"calib": calib.contiguous(), "held": held.contiguous()}, data_path)
         for method in args.methods:
             print(f"{method} on {args.model} ...", file=sys.stderr, flush=True)
-            run = run_child(ctx, method, args.model, data_path, args.threads, args.seq_len, args.pattern, "time")
+            run = run_child(ctx, measure, method, args.model, data_path, args.threads, args.seq_len, args.pattern, "time")
             if not args.no_memory_run and "error" not in run:
                 print(f"{method} on {args.model}, memory run ...", file=sys.stderr, flush=True)
-                mem = run_child(ctx, method, args.model, data_path, args.threads, args.seq_len, args.pattern, "memory")
+                mem = run_child(ctx, measure, method, args.model, data_path, args.threads, args.seq_len, args.pattern, "memory")
                 run["live_peak_extra_bytes"] = mem.get("peak_extra_bytes")
                 run["memory_run"] = mem
             runs.append(run)
@@ -333,9 +305,9 @@ def main(argv=None) -> dict:
                    "target": args.pattern or "50%"},
         "runs": runs,
         "accounted_bytes": accounted_bytes(args.model, args.samples, args.seq_len),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
-        "source": _source_state(),
+        "source": source_state(),
     }
     if not args.no_minilm:
         try:

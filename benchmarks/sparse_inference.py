@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,28 +37,11 @@ sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whateve
 
 import prunekit as pk  # noqa: E402
 from prunekit import export  # noqa: E402
+from measuring import cpu_name, source_state  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 BATCHES = (1, 32)
 MIN_SPEEDUP = 1.1  # sparsify's default
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def measure(layer: nn.Module, make_input, sparsity: float, batches, repeats: int, seed: int) -> list[dict]:
@@ -144,9 +125,9 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "repeats": args.repeats,
         "torch": torch.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "date": datetime.date.today().isoformat(),
-        "prunekit_commit": _commit(),
+        "prunekit_commit": source_state()["commit"],
     }
     md = [
         "# Sparse inference on the CPU: dense vs `torch.sparse` (prunekit.export)",

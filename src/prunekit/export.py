@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import masking
 from ._format import format_ratio, format_seconds
-from .modules import Inputs, call_model, matches, replace_module
+from .modules import Inputs, call_model, fraction_pruned, matches, replace_module
 
 __all__ = [
     "SparseLinear",
@@ -490,7 +490,7 @@ def plan_sparsity(
 def _decide(name: str, module: nn.Module, x: Tensor | None, min_sparsity: float, min_speedup: float,
             layouts: Sequence[str], repeats: int, warmup: int) -> LayerDecision:
     weight = module.weight.detach()
-    sparsity = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
+    sparsity = fraction_pruned(weight)  # the fraction of zero weights
     decision = LayerDecision(name, type(module).__name__, tuple(weight.shape),
                              None if x is None else tuple(x.shape), sparsity)
     reason = None if isinstance(module, nn.Linear) else conv_unsupported(module)

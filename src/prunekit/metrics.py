@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import masking
 from ._format import format_bytes, format_count
-from .modules import Inputs, call_model, eval_mode
+from .modules import Inputs, call_model, eval_mode, split_inputs
 
 __all__ = [
     "count_params",
@@ -197,12 +197,9 @@ def theoretical_speedup(model: nn.Module, example_inputs: Inputs) -> float:
 
 
 def _synchronize(model: nn.Module, example_inputs: Inputs) -> None:
+    args, kwargs = split_inputs(example_inputs)
     tensors = [*model.parameters(), *model.buffers()]
-    if isinstance(example_inputs, Tensor):
-        tensors.append(example_inputs)
-    elif isinstance(example_inputs, (tuple, dict)):
-        values = example_inputs.values() if isinstance(example_inputs, dict) else example_inputs
-        tensors += [v for v in values if isinstance(v, Tensor)]
+    tensors += [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
     for device in {t.device for t in tensors if t.device.type == "cuda"}:
         torch.cuda.synchronize(device)
 

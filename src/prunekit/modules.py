@@ -100,5 +100,5 @@ def is_gpt_conv1d(module: nn.Module) -> bool:
 
 
 def fraction_pruned(mask: Tensor | None) -> float:
-    """Fraction of zero entries of ``mask``; ``None`` (no mask) is 0.0."""
+    """Fraction of zero entries of ``mask`` (or of any tensor); ``None`` (no mask) is 0.0."""
     return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()

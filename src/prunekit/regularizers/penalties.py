@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..distributed import unwrap
 from ..granularity import NM, Granularity, get_granularity
+from ..modules import fraction_pruned
 from ..pruning import LayerReport, PruneReport
 from ..registry import Registry
 from ..scope import warn_emptied
@@ -140,9 +141,7 @@ class Penalty:
             old = {t.name: t.mask(self.model) for t in self.targets}
             new = attach_masks(self.model, keeps, self.targets)
             for target in self.targets:
-                before, after = old[target.name], new[target.name]
-                before = 0.0 if before is None else 1.0 - int(before.count_nonzero()) / before.numel()
-                after = 1.0 - int(after.count_nonzero()) / after.numel()
+                before, after = fraction_pruned(old[target.name]), fraction_pruned(new[target.name])
                 rows.append(LayerReport(target.name, target.shape, target.numel(), before, after))
         warn_emptied([(r.name, r.sparsity_after) for r in rows])
         granularity = self.granularity.name if self.grouped else "element"

@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     nm = parse_pattern(args.pattern)
     nm_report = save_nm(model, out / "model.nm.safetensors", nm.name) if nm is not None else None
+    if nm is None:  # an earlier run into this folder may have left one, of another model
+        (out / "model.nm.safetensors").unlink(missing_ok=True)
     save_pretrained(model, out, tokenizer)
     dense_file = out / "model.safetensors"
 

@@ -12,6 +12,7 @@ schedule's sparsity is the fraction of channels removed.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -118,9 +119,15 @@ class StructuredSpec:
     def compact(self) -> StructuredReport:
         """Remove the masked channels physically (and any other dead channel): outputs are unchanged.
         The spec cannot prune further afterwards (build a new one)."""
+        before = _stored_params(self.model)
         report = remove_dead(self.model, self.example_inputs, exclude=self.exclude, unknown=self.unknown)
         self.graph.stale = True
-        return report
+        # the parameters stored before and after the removal (masked entries count: they were there)
+        return dataclasses.replace(report, params_before=before, params_after=_stored_params(self.model))
+
+
+def _stored_params(model: nn.Module) -> int:
+    return sum(t.numel() for _, t in masking.named_effective_tensors(model))
 
 
 options_signature(StructuredSpec.__init__, StructuredOptions, [

@@ -179,3 +179,59 @@ def test_eager_trace_names_an_unknown_operation():
         pk.structured.DependencyGraph(Spectral(), torch.randn(3, 4))
     graph = pk.structured.DependencyGraph(Spectral(), torch.randn(3, 4), unknown="boundary")
     assert graph.groups() == []
+
+
+def _restrict_layer_norms(model: nn.Module, kept: torch.Tensor) -> None:
+    """Make every LayerNorm of ``model`` normalise over the ``kept`` positions of its width only (zeros
+    elsewhere): what a LayerNorm of the pruned width computes."""
+
+    def hook(module, args, output):
+        x = args[0]
+        out = torch.zeros_like(output)
+        out[..., kept] = nn.functional.layer_norm(x[..., kept], (kept.numel(),), module.weight[kept],
+                                                  module.bias[kept], module.eps)
+        return out
+
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("name, embedding", [("bert", "bert.embeddings.word_embeddings"), ("gpt2", "transformer.wte")])
+def test_hidden_width_pruned_where_asked(name, embedding, tmp_path):
+    """hidden=True: embeddings, every LayerNorm, position tables and the tied head shrink with the hidden
+    width. The LayerNorms then normalise over fewer channels, so the pruned model equals the zeroed
+    original whose LayerNorms normalise over the kept channels only (the masked computation where it is
+    defined), and it reloads exactly."""
+    model, x = _build(name)
+    graph = pk.structured.DependencyGraph(model, x, hidden=True)
+    width = graph.group_of(embedding)
+    assert width.size == 32
+    zeroed = copy.deepcopy(model)
+    pk.structured.prune(zeroed, x, 0.3, hidden=True, physical=False)
+    report = pk.structured.prune(model, x, 0.3, hidden=True)
+    removed = torch.tensor(next(g.removed for g in report.groups if g.name == embedding))
+    member = next(m for m in width.members if m.name == embedding + ".weight" and m.dim == 1)
+    kept = member.index[~torch.isin(member.channel, removed)]
+    assert kept.numel() == 32 - 10
+    _restrict_layer_norms(zeroed, kept)
+    torch.testing.assert_close(_logits(model, x), _logits(zeroed, x), rtol=1e-5, atol=1e-5)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(m.normalized_shape == (22,) and m.weight.shape == (22,) for m in norms)
+    if name == "gpt2":
+        assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.shape == (100, 22)
+        assert model.transformer.wpe.weight.shape == (32, 22)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path), x), _logits(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "opt", "vit"])
+def test_hidden_width_of_rms_norm_and_vision_models_runs_and_reloads(name, tmp_path):
+    model, x = _build(name)
+    plain = copy.deepcopy(model)
+    narrow = pk.structured.prune(plain, x, 0.3).params_after
+    report = pk.structured.prune(model, x, 0.3, hidden=True)
+    assert report.params_after < narrow  # the hidden width went too
+    assert _logits(model, x).shape == _logits(plain, x).shape
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path), x), _logits(model, x), rtol=0, atol=0)

@@ -327,6 +327,9 @@ class StructuredOptions:
         data, loss_fn, max_batches: calibration batches for data-driven methods.
         seed: seed of the ``random`` method.
         unknown: ``"error"`` or ``"boundary"`` for operations without a rule (see DependencyGraph).
+        hidden: also prune the hidden (embedding) width of transformers: every LayerNorm/RMSNorm,
+            embedding, tied head and position table over it shrinks (not output-equivalent: the norms'
+            statistics change).
     """
 
     method: str | GroupCriterion = "l1"
@@ -339,6 +342,7 @@ class StructuredOptions:
     max_batches: int | None = None
     seed: int = 0
     unknown: str = "error"
+    hidden: bool = False
 
     def criterion(self) -> GroupCriterion:
         """The group criterion, after validating every option (raises ``ValueError`` on a bad one)."""
@@ -373,7 +377,7 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float | Mapping[str, flo
     if not isinstance(ratio, Mapping):
         check_sparsity(ratio, "ratio")
     _check_data(criterion, data)
-    graph = graph or DependencyGraph(model, example_inputs, exclude=exclude, unknown=unknown)
+    graph = graph or DependencyGraph(model, example_inputs, exclude=exclude, unknown=unknown, hidden=request.hidden)
     groups = graph.groups()
     if not groups:
         raise ValueError("the model has no prunable channel group (see DependencyGraph(...).boundaries())")

@@ -255,6 +255,7 @@ class TraceState:
         self._taint: dict[Any, frozenset] = {}
         self._size_reads: set = set()
         self._ops: dict[Any, Op] = {}
+        self.options: dict[str, Any] = {}  # graph-wide choices rules may read (RuleContext.option)
 
     # --- values and labels ------------------------------------------------------------------------
     def value(self, arg: Any) -> Any:
@@ -466,6 +467,14 @@ class RuleContext:
             value = self.value(arg)
             return {d: self.param(lab.info, d, what) for d in range(value.ndim) if value.shape[d] > 1}
         return lab if isinstance(lab, dict) else {}
+
+    def roots(self) -> Tensor:
+        """The component (channel) of every atom made so far: atoms made equal share one."""
+        return self._state.atoms.roots()
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """A graph-wide choice (``"hidden"``: LayerNorm/RMSNorm follow a removal instead of pinning)."""
+        return self._state.options.get(name, default)
 
     def where(self) -> str:
         return f"{self.op.describe()} at node {self.op.name!r}"

@@ -129,6 +129,9 @@ class DependencyGraph:
         tracer: ``"fx"`` (torch.fx symbolic tracing), ``"eager"`` (one recorded forward pass, see
             ``tracing.py``: Hugging Face models, data-dependent control flow) or ``"auto"`` (fx, and the
             eager trace where fx fails).
+        hidden: let LayerNorm/RMSNorm over a channel dimension follow a removal instead of pinning it,
+            so a transformer's hidden (embedding) width becomes prunable; the norms' statistics then
+            change, so the pruned model is not output-equivalent to its masked version.
 
     ``groups()`` lists the prunable groups; ``boundaries()`` says which channels are pinned and why.
     """
@@ -142,6 +145,7 @@ class DependencyGraph:
         unknown: str = "error",
         leaf_modules: Iterable[type[nn.Module]] = (),
         tracer: str = "auto",
+        hidden: bool = False,
     ) -> None:
         if unknown not in ("error", "boundary"):
             raise ValueError(f"unknown must be 'error' or 'boundary', got {unknown!r}")
@@ -162,6 +166,7 @@ class DependencyGraph:
         self._state = TraceState(model, lambda arg: isinstance(arg, fx.Node), unknown,
                                  users_of=lambda node: [(self._ops.get(u), u) for u in node.users]
                                  if isinstance(node, fx.Node) else None)
+        self._state.options["hidden"] = bool(hidden)
         self._atoms = self._state.atoms
         self._run(example_inputs)
         self._pin_excluded()

@@ -93,7 +93,7 @@ def _attention_rule(ctx):
     x_arg = ctx.raw(0, "hidden_states")
     value, x = ctx.value(x_arg), ctx.dims(x_arg)
     d = value.ndim - 1
-    others = list(ctx.op.args[1:]) + list(ctx.op.kwargs.values())
+    others = [a for a in list(ctx.op.args) + list(ctx.op.kwargs.values()) if a is not x_arg]
     while others:  # rotary tables, masks: never channels of this attention
         other = others.pop()
         if isinstance(other, (list, tuple)):

@@ -13,9 +13,12 @@ Embedding, GPT-2's ``Conv1D``, Hugging Face attentions, ...) are intercepted who
 The record becomes an ordinary straight-line ``fx.Graph`` (placeholders for the inputs, ``get_attr`` for
 parameters and buffers used directly, ``call_module`` for layers, ``call_function``/``call_method`` for
 the rest), so the dependency graph runs the same explicit per-op rules over it as over an fx trace, and
-an operation without a rule is still an error naming it. What the trace cannot see: Python ints computed
-from tensor sizes are recorded as constants, so a ``view`` to sizes written as numbers pins the channels
-it reshapes (``-1`` follows them), and a branch not taken on the example inputs is not checked.
+an operation without a rule is still an error naming it. Sizes read from tensors (``x.shape``,
+``x.size(d)``, ``x.numel()``) are returned as ints that remember where they came from, through ``+ - *
+// %``, so a ``view`` to computed sizes follows a removal as it does under fx; a size that went through
+anything else (``int()``, ``math``) is a constant, and the channels it reshapes are pinned. A branch not
+taken on the example inputs is not checked; a reduction over channels that only steers a branch still
+pins them (removing channels could change the branch).
 """
 
 from __future__ import annotations
@@ -51,6 +54,48 @@ _DUNDERS: dict[str, tuple[Callable, bool]] = {
 }
 
 
+class _SizeInt(int):
+    """An int read from a tensor's size (or computed from such ints): its graph node is made when a
+    recorded op uses it."""
+
+    _make: Callable[[], fx.Node]
+    _node: fx.Node | None
+
+    @classmethod
+    def of(cls, value: int, make: Callable[[], fx.Node]) -> _SizeInt:
+        out = cls(value)
+        out._make, out._node = make, None
+        return out
+
+    def node(self) -> fx.Node:
+        if self._node is None:
+            self._node = self._make()
+        return self._node
+
+
+def _size_arithmetic(name: str, target: Callable, swap: bool):
+    def method(self, other):
+        result = getattr(int, name)(self, other)
+        if not isinstance(other, int) or isinstance(other, bool) or not isinstance(result, int):
+            return result
+        recorder = self._recorder
+        operands = (other, self) if swap else (self, other)
+        out = _SizeInt.of(result, lambda: recorder.graph.call_function(target, recorder.arg(operands)))
+        out._recorder = recorder
+        return out
+
+    return method
+
+
+for _name, (_target, _swap) in {"__add__": (operator.add, False), "__radd__": (operator.add, True),
+                                "__sub__": (operator.sub, False), "__rsub__": (operator.sub, True),
+                                "__mul__": (operator.mul, False), "__rmul__": (operator.mul, True),
+                                "__floordiv__": (operator.floordiv, False),
+                                "__rfloordiv__": (operator.floordiv, True),
+                                "__mod__": (operator.mod, False)}.items():
+    setattr(_SizeInt, _name, _size_arithmetic(_name, _target, _swap))
+
+
 def _contains_tensor(value: Any) -> bool:
     if isinstance(value, Tensor):
         return True
@@ -83,14 +128,18 @@ class _Recorder(TorchFunctionMode):
         self.alive.append(value)
 
     def arg(self, value: Any) -> Any:
+        if isinstance(value, _SizeInt):
+            return value.node()
         if isinstance(value, Tensor):
             node = self.nodes.get(id(value))
             if node is None and id(value) in self.tensors and value.is_floating_point():  # not index buffers
                 node = self.graph.get_attr(self.tensors[id(value)])
                 self.bind(value, node)
             return value if node is None else node  # an unknown tensor is a constant
-        if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        if isinstance(value, (tuple, list)):
             mapped = [self.arg(v) for v in value]
+            if isinstance(value, torch.Size) and not any(isinstance(v, fx.Node) for v in mapped):
+                return value
             return mapped if isinstance(value, list) else tuple(mapped)
         if isinstance(value, Mapping):
             return {k: self.arg(v) for k, v in value.items()}
@@ -117,7 +166,9 @@ class _Recorder(TorchFunctionMode):
             self.graph.call_function(operator.setitem, self.arg(tuple(args)), self.arg(kwargs))
             return out
         if not _contains_tensor(out):
-            return out  # sizes, dtypes, booleans: the Python logic using them is already followed
+            if args and isinstance(args[0], Tensor) and id(args[0]) in self.nodes:
+                return self.size_read(func, name, args, kwargs, out)
+            return out  # dtypes, booleans: the Python logic using them is already followed
         if name == "__get__":  # a property such as .T, .mT, .data, .real
             node = self.graph.call_function(getattr, (self.arg(args[0]), func.__self__.__name__))
         elif name in _DUNDERS:
@@ -129,6 +180,25 @@ class _Recorder(TorchFunctionMode):
         else:
             node = self.graph.call_function(func, self.arg(tuple(args)), self.arg(kwargs))
         self.outputs(node, out)
+        return out
+
+    def size_int(self, value: int, make: Callable[[], fx.Node]) -> _SizeInt:
+        out = _SizeInt.of(value, make)
+        out._recorder = self
+        return out
+
+    def size_read(self, func, name: str, args: tuple, kwargs: dict, out: Any) -> Any:
+        """``x.shape``, ``x.size()``, ``x.size(d)``, ``x.numel()``: ints that remember their tensor."""
+        x = self.nodes[id(args[0])]
+        if name == "__get__" and func.__self__.__name__ == "shape" or name == "size" and isinstance(out, torch.Size):
+            node = (self.graph.call_function(getattr, (x, "shape")) if name == "__get__"
+                    else self.graph.call_method("size", (x,)))
+            return torch.Size([self.size_int(v, (lambda i: lambda: self.graph.call_function(
+                operator.getitem, (node, i)))(i)) for i, v in enumerate(out)])
+        if name == "size" and isinstance(out, int):
+            return self.size_int(out, lambda: self.graph.call_method("size", self.arg(tuple(args)), self.arg(kwargs)))
+        if name == "numel" and isinstance(out, int):
+            return self.size_int(out, lambda: self.graph.call_method("numel", (x,)))
         return out
 
     def call_module(self, call: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -272,9 +272,9 @@ def layer_norm_like(ctx, x_arg, n_norm: int, w_info, b_info) -> dict:
     x = ctx.dims(x_arg)
     first = value.ndim - n_norm
     for d, l in x.items():
-        if d >= first:
+        if d >= first and not ctx.option("hidden"):  # hidden=True: the width shrinks, statistics change
             ctx.pin(l, "LayerNorm normalises over this dimension: removing a channel would change its mean "
-                       "and variance")
+                       "and variance (hidden=True prunes it anyway)")
     for info in (w_info, b_info):
         if info is not None:
             for k in range(n_norm):

@@ -253,11 +253,12 @@ def _reshape_follows(ctx, x_arg, d, labels, P, e, entries, out_shape) -> bool:
     for entry in entries:
         node = entry[1] if isinstance(entry, tuple) and len(entry) == 3 and entry[0] == "elem" else entry
         taints |= set(ctx.size_sources(node))
+    roots = ctx.roots()  # a size read elsewhere on the stream carries other atoms of the same channels
     for source, dim in taints:
         lab = ctx.labels(source)
         if not isinstance(lab, dict) or dim not in lab:
             return False
-        subst[(source, dim)] = int((~torch.isin(lab[dim], unit)).sum())
+        subst[(source, dim)] = int((~torch.isin(roots[lab[dim]], roots[unit])).sum())
     numel = value.numel() // value.shape[d] * kept_in
     try:
         new = []

@@ -127,3 +127,26 @@ def test_obd_in_a_pruner_needs_calibration_data():
     with pytest.raises(ValueError, match="per-sample gradients"):
         pk.Pruner(model, pk.schedules.OneShot(0.5, at=0), method="obd")
     assert pk.masks(model) == {}
+
+
+class ItemNet(nn.Module):
+    """Data-dependent control flow (``.item()``), which ``vmap`` cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x) * (2.0 if x.sum().item() > 1e9 else 1.0)
+
+
+def test_models_vmap_cannot_run_fall_back_to_one_backward_per_sample():
+    torch.manual_seed(0)
+    model, (x, y) = ItemNet(), samples(16)
+    with pytest.warns(UserWarning, match="fall back to one backward pass per sample"):
+        (diag,) = fisher(model, [(x, y)])
+    expected = torch.zeros_like(model.fc.weight)
+    for i in range(16):
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), [model.fc.weight])
+        expected += g.square() / 16
+    torch.testing.assert_close(diag, expected, rtol=1e-4, atol=1e-9)

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import masking
+
 __all__ = [
     "unwrap",
     "is_distributed",
@@ -153,8 +155,6 @@ def reduce_statistics(stats: Mapping[str, object]) -> None:
 
 def sync_masks(model: nn.Module, src: int = 0) -> dict[str, Tensor]:
     """Make every mask of ``model`` equal to rank ``src``'s (the masks must exist on every rank)."""
-    from . import masking
-
     model = unwrap(model)
     found = masking.masks(model)
     if not is_distributed():

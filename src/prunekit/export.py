@@ -1,4 +1,4 @@
-"""Turning sparsity into milliseconds: sparse-kernel inference on the CPU, and ONNX export.
+"""Turning sparsity into milliseconds: measure sparse kernels layer by layer and swap in the faster ones.
 
 * :func:`plan_sparsity` measures, layer by layer and on this machine, whether a sparse kernel
   (``torch.sparse`` CSR, or BSR when the zeros come in blocks) computes a Linear or Conv2d layer faster
@@ -10,7 +10,9 @@
   against the dense latency (and gives the dense model back, with a warning, should it not be faster).
   The sparse modules are for inference: their weights are buffers, not parameters.
 * :func:`to_onnx` exports a masked (baked in on a copy), finalized or physically pruned model to ONNX
-  (``pip install "prunekit[onnx]"``); :func:`run_onnx` runs a file with onnxruntime.
+  (``pip install "prunekit[onnx]"``); :func:`run_onnx` runs a file with onnxruntime. They live in
+  :mod:`prunekit.onnx_export`, the sparse modules in :mod:`prunekit.sparse_modules`; both are
+  re-exported here, where the public API has always had them (``pk.export.to_onnx``).
 
 Convolutions are computed as ``unfold`` (im2col) followed by a sparse matrix product: the unfold copy
 costs about as much as a dense convolution at batch 1, so they only pay at very high sparsity, and the
@@ -22,24 +24,21 @@ measurement decides. Grouped, transposed, 1-D/3-D convolutions and ``padding="sa
 
 from __future__ import annotations
 
-import copy
-import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import masking
 from ._format import format_ratio, format_seconds
 from .modules import Inputs, call_model, fraction_pruned, matches, replace_module
+from .onnx_export import baked_copy, run_onnx, to_onnx
+from .sparse_modules import LAYOUTS, SparseConv2d, SparseLinear, conv_unsupported, sparse_layers, to_sparse
 
 __all__ = [
     "SparseLinear",
@@ -54,194 +53,8 @@ __all__ = [
     "LAYOUTS",
 ]
 
-LAYOUTS = ("csr", "bsr")
 _BLOCK_SIZES = (32, 16, 8, 4)
 _MIN_BLOCK_FILL = 0.5  # BSR is tried when the non-zero blocks are at least half full
-
-
-# --- sparse modules -----------------------------------------------------------------------------
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """torch warns once per process that sparse CSR/BSR support is in beta; we know."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
-        yield
-
-
-class _SparseMatrix(nn.Module):
-    """A sparse ``(rows, cols)`` weight kept as plain buffers (``crow_indices``, ``col_indices``,
-    ``values``: state_dict, deepcopy and ``.to()`` work as usual); the ``torch.sparse`` tensor is built
-    from them once and cached."""
-
-    def _store(self, matrix: Tensor, layout: str, blocksize: int | None) -> None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown sparse layout {layout!r} (known: {', '.join(LAYOUTS)})")
-        matrix = matrix.detach()
-        if layout == "bsr" and (not blocksize or matrix.shape[0] % blocksize or matrix.shape[1] % blocksize):
-            raise ValueError(f"BSR needs a block size dividing the weight's shape {tuple(matrix.shape)}")
-        with _quiet():
-            sparse = matrix.to_sparse_csr() if layout == "csr" else matrix.to_sparse_bsr((blocksize, blocksize))
-        index = torch.int32 if sparse.values().numel() < 2**31 else torch.int64  # int32: faster kernels
-        self.register_buffer("crow_indices", sparse.crow_indices().to(index))
-        self.register_buffer("col_indices", sparse.col_indices().to(index))
-        self.register_buffer("values", sparse.values().contiguous())
-        self.layout = layout
-        self.blocksize = blocksize
-        self.matrix_shape = tuple(matrix.shape)
-        self.dense_s: float | None = None  # measured times, filled in by sparsify
-        self.sparse_s: float | None = None
-        self._cached: tuple[tuple, Tensor] | None = None
-
-    @property
-    def nnz(self) -> int:
-        """Non-zero weights (BSR blocks may also store zeros)."""
-        return int(torch.count_nonzero(self.values))
-
-    def sparse_weight(self) -> Tensor:
-        """The weight as a ``torch.sparse`` CSR/BSR tensor (rebuilt only when the buffers change)."""
-        parts = (self.crow_indices, self.col_indices, self.values)
-        key = tuple((t.data_ptr(), t.device, t.dtype, tuple(t.shape)) for t in parts)
-        if self._cached is None or self._cached[0] != key:
-            build = torch.sparse_csr_tensor if self.layout == "csr" else torch.sparse_bsr_tensor
-            with _quiet():
-                tensor = build(self.crow_indices, self.col_indices, self.values, self.matrix_shape,
-                               check_invariants=False)
-            self._cached = (key, tensor)
-        return self._cached[1]
-
-    def _matmul(self, columns: Tensor, bias: Tensor | None) -> Tensor:
-        """``weight @ columns (+ bias[:, None])`` for a ``(cols, n)`` dense matrix."""
-        weight = self.sparse_weight()
-        if columns.shape[1] == 1 and self.layout == "csr":  # matrix-vector: a faster kernel
-            vector = columns[:, 0]
-            out = torch.addmv(bias, weight, vector) if bias is not None else torch.mv(weight, vector)
-            return out.unsqueeze(1)
-        if bias is not None:
-            return torch.addmm(bias.unsqueeze(1), weight, columns)
-        return torch.mm(weight, columns)
-
-    def __getstate__(self) -> dict:  # deepcopy/pickle: sparse tensors have no storage to copy
-        state = self.__dict__.copy()
-        state["_cached"] = None
-        return state
-
-    def _measured(self) -> str:
-        if self.dense_s and self.sparse_s:
-            return f", measured {self.dense_s / self.sparse_s:.2f}x faster"
-        return ""
-
-
-class SparseLinear(_SparseMatrix):
-    """``nn.Linear`` computed with a sparse weight (CSR or BSR): ``y = x @ W.T + b`` for any leading
-    dimensions of ``x``. Build it with :meth:`from_dense`."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, layout: str = "csr",
-                 blocksize: int | None = None) -> None:
-        super().__init__()
-        if weight.dim() != 2:
-            raise ValueError(f"SparseLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        self._store(weight, layout, blocksize)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, layout: str = "csr", blocksize: int | None = None) -> SparseLinear:
-        """The sparse version of a Linear layer (its effective weight: a mask is applied)."""
-        return cls(linear.weight, linear.bias, layout, blocksize)
-
-    def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        columns = x.reshape(-1, self.in_features).t()
-        return self._matmul(columns, self.bias).t().reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        block = f" {self.blocksize}x{self.blocksize}" if self.layout == "bsr" else ""
-        density = self.nnz / (self.in_features * self.out_features)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"layout={self.layout}{block}, density={density:.3f}{self._measured()}")
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
-def conv_unsupported(conv: nn.Module) -> str | None:
-    """Why a convolution cannot be computed by :class:`SparseConv2d` (``None`` when it can)."""
-    if not isinstance(conv, nn.Conv2d):
-        return f"{type(conv).__name__} is not supported (Conv2d only)"
-    if conv.groups != 1:
-        return f"grouped convolution (groups={conv.groups})"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r}"
-    if isinstance(conv.padding, str) and conv.padding != "valid":
-        return f"padding={conv.padding!r}"
-    return None
-
-
-class SparseConv2d(_SparseMatrix):
-    """``nn.Conv2d`` (groups=1, zero padding) as ``unfold`` (im2col) and a sparse matrix product with
-    the ``(out_channels, in_channels * kh * kw)`` weight. Build it with :meth:`from_dense`."""
-
-    def __init__(self, conv: nn.Conv2d, layout: str = "csr", blocksize: int | None = None) -> None:
-        super().__init__()
-        reason = conv_unsupported(conv)
-        if reason is not None:
-            raise ValueError(f"SparseConv2d cannot compute this convolution: {reason}")
-        weight = conv.weight
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size = _pair(conv.kernel_size)
-        self.stride, self.dilation = _pair(conv.stride), _pair(conv.dilation)
-        self.padding = (0, 0) if conv.padding == "valid" else _pair(conv.padding)
-        self._store(weight.reshape(weight.shape[0], -1), layout, blocksize)
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, layout: str = "csr", blocksize: int | None = None) -> SparseConv2d:
-        return cls(conv, layout, blocksize)
-
-    def _out_size(self, size: int, i: int) -> int:
-        k, s, p, d = self.kernel_size[i], self.stride[i], self.padding[i], self.dilation[i]
-        return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        n, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (n, c*k*k, L)
-        # one sparse product per example: a single product with all n * L columns would need a transposed
-        # copy of cols, and the sparse kernel is much slower on such wide matrices (cache misses)
-        out = cols.new_empty(n, self.out_channels, cols.shape[2])
-        weight = self.sparse_weight()
-        for i in range(n):
-            if self.bias is not None:
-                torch.addmm(self.bias.unsqueeze(1), weight, cols[i], out=out[i])
-            else:
-                torch.mm(weight, cols[i], out=out[i])
-        out = out.view(n, self.out_channels, self._out_size(h, 0), self._out_size(w, 1))
-        return out[0] if unbatched else out
-
-    def extra_repr(self) -> str:
-        density = self.nnz / math.prod(self.matrix_shape)
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-                f"layout={self.layout}, density={density:.3f}{self._measured()}")
-
-
-SPARSE_MODULES = (SparseLinear, SparseConv2d)
-
-
-def sparse_layers(model: nn.Module) -> dict[str, _SparseMatrix]:
-    """The sparse modules of a model, by name (what :func:`sparsify` converted)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)}
-
-
-def _to_sparse(module: nn.Module, layout: str, blocksize: int | None) -> _SparseMatrix:
-    if isinstance(module, nn.Linear):
-        return SparseLinear.from_dense(module, layout, blocksize)
-    return SparseConv2d.from_dense(module, layout, blocksize)
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -436,13 +249,6 @@ def _check_options(min_sparsity: float, min_speedup: float, layouts: Sequence[st
         raise ValueError(f"repeats must be at least 3, got {repeats}")
 
 
-def _baked(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with masks baked into the weights."""
-    work = copy.deepcopy(model)
-    masking.finalize(work)
-    return work.eval()
-
-
 def plan_sparsity(
     model: nn.Module,
     example_inputs: Inputs,
@@ -471,7 +277,7 @@ def plan_sparsity(
             of threads the model will be served with.
     """
     _check_options(min_sparsity, min_speedup, layouts, repeats)
-    work = _baked(model)
+    work = baked_copy(model)
     modules = _candidates(work, targets, exclude)
     previous = torch.get_num_threads()
     if threads is not None:
@@ -511,7 +317,7 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, min_sparsity: float,
         best, failures = None, []
         for layout, blocksize in options:
             try:
-                sparse = _to_sparse(module, layout, blocksize)
+                sparse = to_sparse(module, layout, blocksize)
                 agrees = _close(sparse(x), reference)
             except (RuntimeError, NotImplementedError) as error:  # e.g. no sparse kernel for this dtype
                 failures.append(f"{layout}: {str(error).splitlines()[0][:120]}")
@@ -564,7 +370,7 @@ def sparsify(
         masking.finalize(model)
         work = model.eval()
     else:
-        work = _baked(model)
+        work = baked_copy(model)
     replaced = []
     for decision in plan.layers:
         if not decision.convert:
@@ -575,7 +381,7 @@ def sparsify(
             raise ValueError(f"the plan names layer {decision.name!r}, which this model does not have") from None
         layout, _, block = decision.layout.partition(" ")
         blocksize = int(block.split("x")[0]) if block else None
-        sparse = _to_sparse(dense, layout, blocksize)
+        sparse = to_sparse(dense, layout, blocksize)
         sparse.dense_s, sparse.sparse_s = decision.dense_s, decision.sparse_s
         replaced.append((decision.name, replace_module(work, decision.name, sparse)))
     if verify and replaced:
@@ -629,78 +435,3 @@ def _flat_tensors(value: Any) -> list[Tensor]:
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in _flat_tensors(v)]
     return [getattr(value, k) for k in ("logits", "last_hidden_state") if isinstance(getattr(value, k, None), Tensor)]
-
-
-# --- ONNX ---------------------------------------------------------------------------------------
-
-
-def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-    except ImportError as error:
-        raise ImportError(f'ONNX export needs onnx and onnxruntime ({error}); pip install "prunekit[onnx]"') from None
-
-
-def _as_tuple(example_inputs: Inputs) -> tuple:
-    if isinstance(example_inputs, dict):
-        raise TypeError("to_onnx takes example_inputs as a tensor or a tuple of tensors, not a dict")
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
-def to_onnx(
-    model: nn.Module,
-    example_inputs: Inputs,
-    path: str | Path,
-    *,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] = ("output",),
-    dynamic_batch: bool = True,
-    opset_version: int | None = None,
-    dynamo: bool = False,
-) -> Path:
-    """Export ``model`` to an ONNX file and return its path.
-
-    A masked model is exported from a copy with its masks baked in (``model`` is not changed), so the
-    pruned weights are stored as zeros; a physically pruned model (``prunekit.structured``) exports
-    with its smaller shapes, so the file shrinks with it. Models converted by :func:`sparsify` cannot
-    be exported (ONNX Runtime has no such sparse kernels): export the model before sparsifying it.
-    ``dynamic_batch`` makes the first dimension of every input and output symbolic. ``dynamo=True``
-    uses torch's newer exporter (slower; weights may go to a ``.data`` file next to the model).
-    """
-    _require_onnx()
-    converted = sparse_layers(model)
-    if converted:
-        raise ValueError(f"{', '.join(converted)} are sparse-kernel layers from sparsify(), which ONNX cannot "
-                         "express: export the model before sparsify()")
-    args = _as_tuple(example_inputs)
-    path = Path(path)
-    if not path.parent.exists():
-        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
-    names = list(input_names) if input_names is not None else (
-        ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
-    if len(names) != len(args):
-        raise ValueError(f"{len(names)} input names for {len(args)} inputs")
-    work = _baked(model)
-    kwargs: dict[str, Any] = {"input_names": names, "output_names": list(output_names)}
-    if opset_version is not None:
-        kwargs["opset_version"] = opset_version
-    if dynamic_batch:
-        if dynamo:
-            kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim("batch")} for _ in args)
-        else:
-            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in [*names, *output_names]}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(work, args, str(path), dynamo=dynamo, **kwargs)
-    return path
-
-
-def run_onnx(path: str | Path, example_inputs: Inputs) -> list:
-    """Run an ONNX file with onnxruntime (CPU) on ``example_inputs``; returns the outputs (numpy arrays)."""
-    _require_onnx()
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    args = _as_tuple(example_inputs)
-    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-    return session.run(None, feeds)

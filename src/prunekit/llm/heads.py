@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..modules import eval_mode, is_gpt_conv1d
+from ..registry import unknown_name_message
 from .blocks import find_blocks
 from .sequential import as_batches
 
@@ -201,8 +202,6 @@ def head_importance(
     scores by their L2 norm (the paper's layer-wise normalisation).
     """
     if method not in HEAD_IMPORTANCE:
-        from ..registry import unknown_name_message
-
         raise ValueError(unknown_name_message("head importance", method, HEAD_IMPORTANCE))
     attns = attention_layers(model, blocks)
     if method == "magnitude":

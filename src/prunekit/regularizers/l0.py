@@ -237,7 +237,7 @@ class L0:
         ``prunekit.structured.remove_dead``; the outputs do not change. Returns its report."""
         if self.granularity == "weight":
             raise ValueError("to_structured() needs granularity='neuron' or 'channel'; use to_masks() for weights")
-        from ..structured import remove_dead
+        from ..structured import remove_dead  # loaded on first use, as prunekit loads pk.structured
 
         self.to_masks()
         return remove_dead(self.model, example_inputs, **kwargs)

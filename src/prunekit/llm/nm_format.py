@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..fileio import atomic_write
 from ..masking import named_effective_tensors
 from ..modules import is_gpt_conv1d
 from ..sparse_format import index_bits, pack_nm, unpack_nm
@@ -129,7 +130,7 @@ def _input_last_layouts(model: nn.Module) -> dict[str, bool]:
 def save_nm(model: nn.Module, path: str | os.PathLike, pattern: str = "2:4") -> NMSaveReport:
     """Write every tensor of ``model`` (masks applied) to ``path``; the Linear/Conv1D weights that follow
     ``pattern`` are packed, the rest stored dense. The write is atomic."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     nm = parse_pattern(pattern)
     layouts = _input_last_layouts(model)
@@ -159,9 +160,7 @@ def save_nm(model: nn.Module, path: str | os.PathLike, pattern: str = "2:4") -> 
             dense.append(buf_name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION), "nm": json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_write(path, safetensors_bytes(tensors, metadata={"format": FORMAT, "version": str(VERSION), "nm": json.dumps(meta)}))
     return NMSaveReport(path, path.stat().st_size, dense_bytes, packed, dense, packed_dense, packed_bytes)
 
 

@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from prunekit._format import format_percent, format_ratio, format_seconds
-from prunekit.modules import split_inputs, call_model, eval_mode, fraction_pruned, matches, replace_module, training_mode
+from prunekit.modules import (
+    call_model,
+    eval_mode,
+    fraction_pruned,
+    matches,
+    replace_module,
+    split_inputs,
+    training_mode,
+)
 
 
 @pytest.mark.parametrize(

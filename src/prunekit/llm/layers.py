@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..modules import eval_mode
+from ..modules import eval_mode, replace_module
 from .blocks import find_blocks
 from .perplexity import negative_log_likelihood
 from .sequential import as_batches, capture_block_inputs, run_block
@@ -165,9 +165,7 @@ def remove_layers(model: nn.Module, indices: Sequence[int], blocks: str | None =
         )
     kept = [i for i in range(L) if i not in drop]
     new_list = nn.ModuleList([block_list[i] for i in kept])
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new_list)
+    replace_module(model, name, new_list)
     for new_index, block in enumerate(new_list):
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):

@@ -325,7 +325,8 @@ def summary(model: nn.Module, example_inputs: Inputs = None, print_table: bool =
     """One row per module holding parameters, then a ``"total"`` row; optionally printed with ``rich``.
 
     Row keys: ``name``, ``type``, ``shape`` (of ``weight``, else of its first parameter), ``params``,
-    ``nonzero``, ``sparsity`` (1 - nonzero/params), ``flops`` and ``remaining_flops`` (``None`` without
+    ``nonzero``, ``sparsity`` (1 - nonzero/params over all the layer's parameters, weight and bias
+    together; ``pk.sparsity(model, per_layer=True)`` gives each parameter apart), ``flops`` and ``remaining_flops`` (``None`` without
     ``example_inputs``). A tied parameter is counted in the row of its first holder only, so the rows'
     ``params`` add up to :func:`count_params`. The total row's FLOPs are the model's (:func:`flops`), so
     they include ops outside layers.

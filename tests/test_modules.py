@@ -4,12 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+import prunekit as pk
+
 from prunekit._format import format_percent, format_ratio, format_seconds
 from prunekit.modules import (
     call_model,
     eval_mode,
     fraction_pruned,
     matches,
+    named_persistent_buffers,
     replace_module,
     split_inputs,
     training_mode,
@@ -90,3 +93,12 @@ def test_formatters():
     assert format_ratio(9.32) == "9.3×"
     assert format_ratio(float("inf")) == "∞"
     assert format_percent(0.9123) == "91.2%"
+
+
+def test_named_persistent_buffers_are_what_the_state_dict_holds_minus_the_masks():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model[1].register_buffer("scratch", torch.zeros(1), persistent=False)
+    pk.prune(model, 0.5, targets=["0"])
+    names = [name for name, _ in named_persistent_buffers(model)]
+    assert names == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    assert any(".parametrizations." in name for name, _ in model.named_buffers())  # the mask: not listed

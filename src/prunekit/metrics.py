@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import masking
 from ._format import format_bytes, format_count
-from .modules import Inputs, call_model, eval_mode, split_inputs
+from .modules import Inputs, call_model, eval_mode, named_persistent_buffers, split_inputs
 
 __all__ = [
     "count_params",
@@ -269,16 +269,8 @@ def _effective_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for name, tensor in masking.named_effective_tensors(model):
             tensors[name] = tensor
         seen = set()
-        for module_name, module in model.named_modules():
-            for bname, buffer in module._buffers.items():
-                name = f"{module_name}.{bname}" if module_name else bname
-                if (
-                    buffer is None
-                    or bname in module._non_persistent_buffers_set
-                    or masking._PARAMETRIZED in "." + name
-                    or id(buffer) in seen
-                ):
-                    continue
+        for name, buffer in named_persistent_buffers(model):
+            if id(buffer) not in seen:
                 seen.add(id(buffer))
                 tensors[name] = buffer
     # safetensors wants contiguous CPU tensors that share no memory.

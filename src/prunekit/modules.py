@@ -8,6 +8,7 @@
 * :func:`replace_module`: swap the child at a dotted name.
 * :func:`is_gpt_conv1d`: transformers' GPT-2 ``Conv1D`` (a Linear whose weight is stored ``(in, out)``).
 * :func:`fraction_pruned`: the fraction of zeros in a mask.
+* :func:`named_persistent_buffers`: the buffers a state dict holds, without those of parametrizations.
 
 A leaf: it imports only torch.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "replace_module",
     "is_gpt_conv1d",
     "fraction_pruned",
+    "named_persistent_buffers",
 ]
 
 Inputs = Any  # a tensor, a tuple of positional arguments, or a mapping of keyword arguments
@@ -102,3 +104,15 @@ def is_gpt_conv1d(module: nn.Module) -> bool:
 def fraction_pruned(mask: Tensor | None) -> float:
     """Fraction of zero entries of ``mask`` (or of any tensor); ``None`` (no mask) is 0.0."""
     return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()
+
+
+def named_persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(full name, buffer)`` of every persistent buffer (what ``state_dict`` stores), except those inside
+    parametrizations (``<module>.parametrizations.<param>.<i>``: there, prunekit's masks). A buffer
+    registered in two modules comes once under each name."""
+    for module_name, module in model.named_modules():
+        if "parametrizations" in module_name.split("."):
+            continue
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buffer

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..fileio import atomic_write
 from ..masking import named_effective_tensors
-from ..modules import is_gpt_conv1d
+from ..modules import is_gpt_conv1d, named_persistent_buffers
 from ..sparse_format import index_bits, pack_nm, unpack_nm
 from .methods import parse_pattern
 
@@ -153,7 +153,7 @@ def save_nm(model: nn.Module, path: str | os.PathLike, pattern: str = "2:4") -> 
                 continue
         tensors[name] = value.contiguous()
         dense.append(name)
-    for _, buf_name, buf in _buffers(model):
+    for buf_name, buf in named_persistent_buffers(model):
         if buf_name not in tensors and buf_name not in meta:
             tensors[buf_name] = buf.detach().cpu().contiguous()
             dense_bytes += buf.numel() * buf.element_size()
@@ -162,16 +162,6 @@ def save_nm(model: nn.Module, path: str | os.PathLike, pattern: str = "2:4") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, safetensors_bytes(tensors, metadata={"format": FORMAT, "version": str(VERSION), "nm": json.dumps(meta)}))
     return NMSaveReport(path, path.stat().st_size, dense_bytes, packed, dense, packed_dense, packed_bytes)
-
-
-def _buffers(model: nn.Module):
-    """Persistent buffers (not prunekit's mask buffers): ``(module, full name, tensor)``."""
-    for module_name, module in model.named_modules():
-        if "parametrizations" in module_name.split("."):
-            continue
-        for buf_name, buf in module._buffers.items():
-            if buf is not None and buf_name not in module._non_persistent_buffers_set:
-                yield module, f"{module_name}.{buf_name}" if module_name else buf_name, buf
 
 
 def load_nm(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import prunekit
 from prunekit import cli
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {
     "name": "cli-tiny",
@@ -97,8 +100,10 @@ def test_summary_prints_the_layers(tmp_path, capsys):
 def test_prune_runs_a_recipe(tmp_path, capsys):
     out = tmp_path / "elsewhere"
     assert cli.main(["prune", str(write(tmp_path, TINY)), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "accuracy" in printed and "50.0%" in printed
+    assert "training for 1 epoch\n" in captured.err  # not "1 epochs"
     assert (out / "model.safetensors").is_file() and (out / "results.json").is_file()
     assert not (tmp_path / "out").exists()  # --out wins over output.dir
 
@@ -143,3 +148,53 @@ def test_demo_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "file")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # builds a recipe's model and data, or runs subprocesses
+def test_unwritable_output_folder_fails_before_the_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"  # its parent is a file: nothing can be written there
+    assert cli.main(["prune", str(write(tmp_path, TINY)), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "cannot write to the output folder" in captured.err and str(tmp_path / "file") in captured.err
+    assert "training" not in captured.err and "before pruning" not in captured.err  # refused before the work
+
+
+@pytest.mark.slow  # builds a recipe's model and data, or runs subprocesses
+def test_report_with_truncated_weights_is_one_line_naming_the_file(tmp_path, capsys):
+    from prunekit.models import LeNet300100
+
+    weights = tmp_path / "model.safetensors"
+    prunekit.save(LeNet300100(), weights)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    argv = ["report", "--recipe", str(write(tmp_path, TINY)), "--weights", str(weights), "--no-speed",
+            "--out", str(tmp_path / "report")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --weights: ") and err.count("\n") == 1 and str(weights) in err
+    assert not (tmp_path / "report").exists()
+
+
+REPORT_UNDER_FSIZE = """
+import resource, signal, sys
+from prunekit import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # builds a recipe's model and data, or runs subprocesses
+def test_a_full_disk_while_writing_keeps_the_previous_report(tmp_path):
+    results = ROOT / "benchmarks" / "results" / "demo.json"
+    out = tmp_path / "report"
+    assert cli.main(["report", str(results), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    done = subprocess.run([sys.executable, "-c", REPORT_UNDER_FSIZE, "report", str(results), "--title", "new",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous report, intact
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder or lock left behind

@@ -1,18 +1,25 @@
 """The demo experiment: ``--quick`` runs end to end and its numbers make sense."""
 
+import dataclasses
 import io
 import json
+import signal
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 
-from prunekit.demo import DemoConfig, best_row, demo, run_demo, sparsest_within
+from prunekit import render
+from prunekit.demo import DemoConfig, best_row, demo, readme_table, run_demo, sparsest_within, write_outputs
 
 torch.set_num_threads(1)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parent.parent
+#: the full demo's own results (benchmarks/demo_readme.py --run writes them), behind the README's table
+DEMO_RESULTS = ROOT / "benchmarks" / "results" / "demo.json"
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +141,46 @@ def test_bad_threads_is_a_user_error(tmp_path):
     with pytest.raises(ValueError, match="threads"):
         demo(tmp_path / "x", quick=True, threads=0)
     assert not (tmp_path / "x").exists()
+
+
+# --- the README's table, and outputs that survive an interruption --------------------------------------
+
+
+def test_readme_table_is_generated_from_the_demos_own_results():
+    results = json.loads(DEMO_RESULTS.read_text(encoding="utf-8"))
+    config = dataclasses.asdict(DemoConfig())  # the full demo, as `prunekit demo` runs it
+    assert {k: results["settings"][k] for k in config} == json.loads(json.dumps(config))
+    table = readme_table(results)
+    assert table in (ROOT / "README.md").read_text(encoding="utf-8")
+    dense = results["dense"]["accuracy"]
+    assert f"dense accuracy {100 * dense:.1f}%" in table
+    row = rows_of(results, "taylor", "global", 0.9, False), rows_of(results, "taylor", "global", 0.9, True)
+    assert f"| {100 * row[0]['accuracy']:.1f} → {100 * row[1]['accuracy']:.1f} |" in table.split("| 90% |")[1]
+
+
+def test_readme_table_grammar():
+    results = json.loads(DEMO_RESULTS.read_text(encoding="utf-8"))
+    one = dict(results, settings=dict(results["settings"], finetune_epochs=1))
+    assert "with 1 epoch of fine-tuning" in readme_table(one)
+    assert "with 3 epochs of fine-tuning" in readme_table(dict(one, settings=dict(one["settings"], finetune_epochs=3)))
+
+
+@pytest.mark.slow  # draws the full demo's plots twice
+def test_ctrl_c_while_writing_keeps_the_previous_output(tmp_path, monkeypatch):
+    results = json.loads(DEMO_RESULTS.read_text(encoding="utf-8"))
+    out = tmp_path / "demo"
+    write_outputs(results, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = render.write_html
+
+    def interrupted(path, *args, **kwargs):  # half the page is written when Ctrl-C arrives
+        Path(path).write_text("<!DOCTYPE html><html><body>half", encoding="utf-8")
+        signal.raise_signal(signal.SIGINT)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(render, "write_html", interrupted)
+    changed = dict(results, dense=dict(results["dense"], accuracy=0.5))
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(changed, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous run's files, all intact
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary folder left behind

@@ -2,7 +2,10 @@
 
 import copy
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 import yaml
 
 import prunekit as pk
+from prunekit.fileio import FolderInUse
 from prunekit.models import LeNet300100
 from prunekit.recipe_run import run_recipe
 from prunekit.recipes import RecipeError, build_model, load_recipe, parse_recipe, prepare
@@ -77,6 +81,11 @@ def test_valid_recipe_runs_and_the_saved_model_loads(tmp_path):
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 1  # the per-layer bars
     assert "Before and after" in html and "tiny" in html and "Fine-tuning" in html
+    # the file-size row of the file this run wrote is that file's size on disk
+    written = (out / "model.safetensors").stat().st_size
+    assert saved["after"]["model_file_bytes"] == written
+    assert re.search(r'<td class="\w+">model.safetensors as written</td><td class="right">-</td>'
+                     rf'<td class="right">{written / 1024:,.1f} KiB</td>', html)
 
 
 def test_factory_schedule_and_data_driven_method(tmp_path):
@@ -168,6 +177,12 @@ BAD = {
     "schedule key of another schedule": (changed(schedule={"name": "agp", "end": 1, "steps": 3}), ["schedule.steps", "agp"]),
     "schedule longer than fine-tuning": (changed(schedule={"name": "iterative", "steps": 3}), ["finetune.epochs", "3"]),
     "negative epochs": (changed(train={"epochs": -1}), ["train.epochs"]),
+    "num_classes below the data's": (changed(model={"kwargs": {"num_classes": 3}}),
+                                     ["model and data do not fit", "10 classes", "num_classes to 10"]),
+    "negative num_classes": (changed(model={"kwargs": {"num_classes": -1}}), ["model.kwargs", "building the model failed"]),
+    "seed beyond 64 bits": (changed(seed=2**70), ["seed", "2**63 - 1"]),
+    "more threads than CPUs": (changed(threads=100000), ["threads", "100000", "CPU"]),
+    "name that leaves the folder": (changed(name="../../x"), ["name", "plain name"]),
 }
 
 
@@ -223,3 +238,45 @@ def test_n_m_pattern_needs_no_sparsity():
     with pytest.raises(RecipeError, match="prune.sparsity"):
         parse_recipe({"model": {"builtin": "lenet300100"}, "data": {"name": "digits"},
                       "prune": {"granularity": "2:4", "sparsity": 0.9}})
+
+
+# --- outputs: one run's complete files, never a mix ----------------------------------------------------
+
+
+QUICK = changed(train={"epochs": 1}, finetune={"epochs": 0})
+
+
+@pytest.mark.slow  # two recipe runs
+def test_a_second_run_replaces_the_folder_as_a_whole(tmp_path):
+    path = write(tmp_path, QUICK)
+    run_recipe(path)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    run_recipe(write(tmp_path, dict(QUICK, output={"dir": "out", "save": False})))
+    # the first run's model is gone with its folder: the folder holds the second run's files only
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"results.json", "report.html", "layer_sparsity.png"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary sibling left
+
+
+@pytest.mark.slow  # a second process imports prunekit
+def test_a_folder_in_use_by_another_run_is_refused_before_running(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(  # another process holds the output folder, as a running `prunekit prune` does
+        [sys.executable, "-c", "import sys, time\nfrom prunekit.fileio import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderInUse, match="in use by another prunekit run"):
+            run_recipe(write(tmp_path, QUICK))
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_output_folder_with_other_files_is_not_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="not a prunekit output"):
+        run_recipe(write(tmp_path, QUICK))
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "years of work"

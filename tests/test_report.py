@@ -152,3 +152,68 @@ def test_write_html_is_self_contained(tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', text)  # nothing external to fetch
     assert text.count("<section>") == 4 and "97.0%" in text and "a note" in text
     assert "[&quot;magnitude&quot;, &quot;random&quot;]" in text
+
+
+# --- readable plots ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The real figures the plot functions drew (kept when they close them)."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def test_x_labels_never_overlap(tmp_path, drawn):
+    # close sparsities on a linear axis (0% is there): 80% / 80.75%, and 90% / 95% / 98%
+    rows = [dict(ROWS[0], sparsity=s) for s in (0.0, 0.5, 0.8, 0.8075, 0.9, 0.95, 0.98)]
+    plots.plot_accuracy_vs_sparsity(rows, tmp_path / "acc.png")
+    fig = drawn[-1]
+    renderer = fig.canvas.get_renderer()
+    boxes = sorted((t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels()
+                    if t.get_visible() and t.get_text()), key=lambda b: b.x0)
+    assert len(boxes) >= 4  # 0%, 50%, 80%, and at least one of 90/95/98%
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 <= right.x0, "two x labels overlap"
+
+
+def test_lines_with_the_same_values_stay_visible_and_distinct(tmp_path, drawn):
+    same = [{"label": label, "sparsity": s, "accuracy": 0.9, "finetuned": True} for label in ("a", "b") for s in (0.5, 0.9)]
+    plots.plot_accuracy_vs_sparsity(same, tmp_path / "acc.png")
+    a, b = [line for line in drawn[-1].axes[0].get_lines() if len(line.get_xdata()) == 2]
+    assert (a.get_color(), a.get_marker()) != (b.get_color(), b.get_marker())
+    assert a.get_marker() != b.get_marker()  # distinct even in black and white
+    on_screen_a = a.get_transform().transform(a.get_xydata())
+    on_screen_b = b.get_transform().transform(b.get_xydata())
+    assert abs(on_screen_a - on_screen_b)[:, 0].min() >= 2  # drawn apart sideways, not one over the other
+
+
+def test_series_with_the_same_label_are_kept_apart():
+    first = [{"label": "run", "sparsity": 0.5, "accuracy": 0.9, "finetuned": True}]
+    second = [{"label": "run", "sparsity": 0.5, "accuracy": 0.4, "finetuned": True}]
+    merged = render.Parts(accuracy_rows=first).merge(render.Parts(accuracy_rows=second))
+    assert [plots.series_label(r) for r in merged.accuracy_rows] == ["run", "run (2)"]
+    html = render.series_html(merged.accuracy_rows)
+    assert html.count("<li ") == 2 and 'data-series="run (2)"' in html and "40.0%" in html
+
+
+def test_outputs_are_written_atomically(tmp_path, monkeypatch):
+    import os
+
+    path = render.write_json(tmp_path / "r.json", {"a": 1})
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the write fails at its last step
+    with pytest.raises(OSError, match="No space"):
+        render.write_json(path, {"a": 2})
+    with pytest.raises(OSError, match="No space"):
+        plots.plot_layer_sparsity({"fc1.weight": 0.5}, tmp_path / "r.json")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.json"]

@@ -6,8 +6,9 @@
     prunekit summary RECIPE.yaml                      layers, parameters and FLOPs of a recipe's model
     prunekit report [RESULTS.json ...] [--recipe R]   an HTML report: accuracy, layers, sensitivity, speed, size
 
-User errors (a bad recipe, a missing file, a wrong value) print ``error: <message>`` on one line to
-stderr and exit with status 2, without a traceback.
+User errors (a bad recipe, a missing or unreadable file, a wrong value, an output folder that cannot be
+written or is in use by another run) print ``error: <message>`` on one line to stderr and exit with
+status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from . import demo, metrics, recipe_run, recipes, report
 from ._version import __version__
 from .criteria import CRITERIA
+from .fileio import FolderInUse
 from .granularity import GRANULARITIES
 from .render import Column, percent, print_table, seconds, times
 from .schedules import SCHEDULES
@@ -27,7 +29,9 @@ from .scope import SCOPES
 
 __all__ = ["main", "build_parser"]
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError)  # RecipeError is a ValueError
+#: errors printed as one line, exit status 2: bad input (RecipeError is a ValueError), a missing extra, a file or
+#: folder that cannot be read or written (OSError: permissions, a full disk), an output folder in use
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, FolderInUse)
 
 
 def _console(stderr: bool = False) -> Any:

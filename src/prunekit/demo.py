@@ -33,10 +33,11 @@ from .models import LeNet300100
 from .outputs import RunOutput
 from .plots import require_matplotlib
 from .pruning import prune
-from .render import Card, Column, Parts, Section, percent, print_table, seconds, table_html, times, write_json, write_page
+from .render import (Card, Column, Parts, Section, percent, plural, print_table, seconds, table_html, times, write_json,
+                     write_page)
 
 __all__ = ["DemoConfig", "run_demo", "write_outputs", "print_results", "demo", "report_parts", "RESULT_COLUMNS",
-           "KIND"]
+           "KIND", "readme_table"]
 
 #: the ``kind`` of the demo's ``results.json`` (how ``prunekit report`` recognises it)
 KIND = "prunekit.demo"
@@ -255,6 +256,36 @@ def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[s
                                 subtitle=f"{len(results['rows'])} runs, dense accuracy "
                                          f"{percent(results['dense']['accuracy'])}"))
     return output.final(files, tmp)
+
+
+#: the lines around the README's demo table, which :func:`readme_table` writes
+README_BEGIN = "<!-- demo:table: written by benchmarks/demo_readme.py from benchmarks/results/demo.json -->"
+README_END = "<!-- /demo:table -->"
+
+
+def readme_table(results: dict[str, Any]) -> str:
+    """The README's demo table (Markdown) from the demo's results: test accuracy without -> with
+    fine-tuning for each method at each sparsity, then the compression and FLOP speedup there."""
+    settings = results["settings"]
+    methods = [tuple(m) for m in settings["methods"]]
+    by_key = {(r["method"], r["scope"], r["sparsity"], r["finetuned"]): r for r in results["rows"]}
+    head = ["sparsity", *(f"{method} {scope}" for method, scope in methods), "compression", "FLOP speedup"]
+    lines = [
+        f"Test accuracy (%), without → with {plural(settings['finetune_epochs'], 'epoch')} of fine-tuning; "
+        f"dense accuracy {percent(results['dense']['accuracy'])}:",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---:|" + "---|" * len(methods) + "---:|---:|",
+    ]
+    for sparsity in sorted({r["sparsity"] for r in results["rows"]}):
+        cells = [percent(sparsity, 0)]
+        for method, scope in methods:
+            before, after = by_key[(method, scope, sparsity, False)], by_key[(method, scope, sparsity, True)]
+            cells.append(f"{100 * before['accuracy']:.1f} → {100 * after['accuracy']:.1f}")
+        first = by_key[(*methods[0], sparsity, True)]
+        cells += [times(first["compression_ratio"]), times(first["theoretical_speedup"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([README_BEGIN, *lines, README_END])
 
 
 def print_results(results: dict[str, Any], console: Any = None) -> None:

@@ -59,6 +59,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import os
 import time
 import types
 import typing
@@ -106,6 +107,8 @@ class RecipeError(ValueError):
 #: built-in data sets a recipe can name (functions of prunekit.data)
 DATASETS = ("digits", "synthetic_classification", "synthetic_images")
 OPTIMIZERS = ("adam", "sgd")
+#: the largest seed every generator takes (torch's and numpy's are 64-bit)
+MAX_SEED = 2**63 - 1
 #: the keys each schedule takes (all in epochs, except ``initial``, a sparsity)
 SCHEDULE_KEYS = {"oneshot": ("at",), "iterative": ("steps", "every", "start"), "agp": ("initial", "start", "end", "every")}
 
@@ -338,12 +341,17 @@ def parse_recipe(raw: Any, base_dir: str | Path | None = None, source: Path | No
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
         raise RecipeError(f"name: expected a string, got {_type_name(name)} {name!r}")
+    if name is not None and (not name.strip() or name in (".", "..") or "/" in name or "\\" in name):
+        raise RecipeError(f"name: {name!r} names the default output folder ('<name>-out' next to the recipe), so it "
+                          "must be a plain name: not empty, no '/' or '\\', not '.' or '..'")
     seed = raw.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise RecipeError(f"seed: expected an integer >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RecipeError(f"seed: expected an integer from 0 to 2**63 - 1, got {seed!r}")
     threads = raw.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise RecipeError(f"threads: expected an integer >= 1 or null, got {threads!r}")
+    if threads is not None and threads > (os.cpu_count() or 1):
+        raise RecipeError(f"threads: {threads} is more than this machine's {os.cpu_count() or 1} CPU(s)")
     sections = {
         key: (_section(raw[key], key, cls) if key in raw else None) for key, cls in _SECTIONS.items()
     }
@@ -562,9 +570,9 @@ def build_model(recipe: Recipe) -> nn.Module:
         _check_kwargs(build, recipe.model.kwargs, "model.kwargs", recipe.model.factory)
     try:
         model = build(**recipe.model.kwargs)
-    except (TypeError, ValueError) as error:
-        where = "model.kwargs" if isinstance(error, TypeError) and recipe.model.kwargs else path
-        raise _fail(where, str(error)) from None
+    except (TypeError, ValueError, RuntimeError) as error:  # RuntimeError: torch on a negative size, ...
+        where = "model.kwargs" if not isinstance(error, ValueError) and recipe.model.kwargs else path
+        raise _fail(where, f"building the model failed: {' '.join(str(error).split())}") from None
     if not isinstance(model, nn.Module):
         raise _fail(path, f"expected a torch.nn.Module, got {type(model).__name__}")
     if recipe.model.weights is not None:
@@ -600,13 +608,28 @@ def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, Any, Any, torch.Ten
     example = test_set.tensors[0][:1]
     try:
         with eval_mode(model), torch.no_grad():
-            call_model(model, example)
+            output = call_model(model, example)
     except Exception as error:
         raise RecipeError(
             f"model and data do not fit: {recipe.data.name} gives inputs of shape {tuple(example.shape)}, "
             f"and the model fails on them ({type(error).__name__}: {error})"
         ) from None
+    _check_classes(recipe, output, train_set, test_set)
     return model, train_set, test_set, example
+
+
+def _check_classes(recipe: Recipe, output: Any, train_set: Any, test_set: Any) -> None:
+    """A classifier needs one output per class of the data: fewer, and training fails (or learns
+    nonsense) part-way through."""
+    labels = [s.tensors[1] for s in (train_set, test_set)]
+    if not all(t.dtype in (torch.int64, torch.int32) for t in labels) or not isinstance(output, torch.Tensor):
+        return  # not class labels: nothing to compare
+    classes = int(max(int(t.max()) for t in labels)) + 1
+    width = output.shape[-1] if output.dim() == 2 else None
+    if width is None or width < classes:
+        what = f"{width} outputs per example" if width is not None else f"outputs of shape {tuple(output.shape)}"
+        raise RecipeError(f"model and data do not fit: {recipe.data.name} has {classes} classes (labels 0 to "
+                          f"{classes - 1}) and the model gives {what}; set model.kwargs.num_classes to {classes}")
 
 
 @dataclass

@@ -206,3 +206,55 @@ def test_report_help(capsys):
     out = capsys.readouterr().out
     for flag in ("--recipe", "--weights", "--sensitivity", "--sweep", "--sparsities", "--out"):
         assert flag in out
+
+
+@pytest.mark.slow  # uses the module's recipe run and report
+def test_a_pruned_model_is_not_analysed_as_if_dense(full_report):
+    # the README's own example: --weights of an 80% sparse model, with --sensitivity --sweep (grid 50/90/95%)
+    html = (full_report / "report.html").read_text(encoding="utf-8")
+    lines = re.findall(r'<li data-series="([^"]+)"[^>]*>[^:]*: ([^<]+)</li>', html)
+    sweep = [(label, points) for label, points in lines if label.startswith("magnitude (")]
+    assert sweep, lines
+    for label, points in sweep:
+        assert label.endswith(", from 80% sparse"), label
+        xs = [float(point.split("%")[0]) for point in points.split(", ")]
+        assert min(xs) >= 79.9, (label, xs)  # the 50% point is left out: pruning to 50% changes nothing
+    assert "Dotted: the given model, 80.0% sparse" in html and "Dotted: dense" not in html
+    assert "starts from an already pruned model" in html  # the sensitivity section says so too
+
+
+NARROW_PROBE = """<script>
+window.addEventListener("load", () => {
+  const root = document.documentElement;
+  const overflowing = [...document.querySelectorAll("section, .table, dl, .cards")]
+    .filter((e) => e.getBoundingClientRect().right > root.clientWidth + 1).length;
+  root.setAttribute("data-widths", [root.scrollWidth, root.clientWidth, overflowing].join(","));
+});
+</script>"""
+
+
+@pytest.mark.slow  # a headless browser
+def test_headless_chromium_reads_the_page_at_a_narrow_width(tmp_path):
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium not found (Debian: apt-get install chromium; .ci/run installs it)")
+    demo = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/demo.json").read_text())
+    # the same results twice: two series of each label, which must stay two lines, not one that jumps
+    files = report.write_report(tmp_path / "report", results=[demo, demo], title="twice")
+    probe = tmp_path / "probe.html"
+    probe.write_text(files["report"].read_text(encoding="utf-8").replace("</body>", NARROW_PROBE + "</body>"))
+    dom = run_chromium(browser, tmp_path / "profile", "--window-size=360,2000", "--virtual-time-budget=5000",
+                       "--dump-dom", probe.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    scroll, client, overflowing = map(int, re.search(r'data-widths="([^"]+)"', dom.stdout).group(1).split(","))
+    assert scroll <= client and overflowing == 0  # no table or section wider than a phone's screen
+
+    items = re.findall(r'<li data-series="([^"]+)" data-color="([^"]+)" data-marker="([^"]+)" data-line="(\w+)">'
+                       r'[^:]*: ([^<]+)</li>', dom.stdout)
+    labels = {label for label, *_ in items}
+    assert {"magnitude (global)", "magnitude (global) (2)", "taylor (global)", "taylor (global) (2)"} <= labels
+    styles = {label: (color, marker) for label, color, marker, _, _ in items}
+    assert len(set(styles.values())) == len(styles)  # every series its own colour and marker
+    for label, _, _, line, points in items:  # each line runs left to right: no x visited twice
+        xs = [float(point.split("%")[0]) for point in points.split(", ")]
+        assert xs == sorted(set(xs)), (label, line, xs)

@@ -300,3 +300,124 @@ class PixelShuffleNet(nn.Module):
 
     def forward(self, x):
         return self.conv2(self.ps(torch.relu(self.conv(x)))).mean((2, 3))
+
+
+# --- subclasses with their own forward, parameters used directly (issue 11) -------------------------
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """Channels-first LayerNorm (timm/ConvNeXt): normalises dim 1 of NCHW, keeps ``normalized_shape``."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation (Qiao et al. 2019): each filter standardised over its input channels and
+    kernel, so an input channel's removal changes every filter's mean and variance."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.var(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d (NF-Nets): standardisation through F.batch_norm with a learnable gain, a
+    parameter used directly."""
+
+    def __init__(self, *args, gain_init: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.full((self.out_channels, 1, 1, 1), gain_init))
+        self.scale = self.weight[0].numel() ** -0.5
+        self.eps = 1e-6
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class GainStdConv2d(nn.Conv2d):
+    """Weight standardisation with a per-filter gain (NF-Net style) written with sizes that follow the
+    tensor: the gain is part of the filter's group."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5) * self.gain
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class StandardisedNet(nn.Module):
+    """Weight-standardised convolutions with and without gains, each followed by a plain convolution, a
+    channels-first LayerNorm and a gamma scaling its output (a parameter used directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 10, 3, padding=1)
+        self.ws = StdConv2d(10, 12, 3, padding=1)
+        self.mid = nn.Conv2d(12, 10, 1)
+        self.gained = GainStdConv2d(10, 8, 3, padding=1)
+        self.mid2 = nn.Conv2d(8, 8, 1)
+        self.scaled = ScaledStdConv2d(8, 9, 1)
+        self.norm = LayerNorm2d(9)
+        self.gamma = nn.Parameter(torch.rand(9, 1, 1) + 0.5)
+        self.conv = nn.Conv2d(9, 7, 1)
+        self.fc = nn.Linear(7, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.mid(F.relu(self.ws(x))))
+        x = F.relu(self.mid2(F.relu(self.gained(x))))
+        x = self.norm(self.scaled(x)) * self.gamma
+        x = F.relu(self.conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class RopeAttentionNet(nn.Module):
+    """EVA-style attention: one qkv Linear whose bias is ``torch.cat((q_bias, zeros, v_bias))`` built at
+    run time, rotary position embedding on queries and keys, a layer-scale gamma, a residual stream and an
+    MLP."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(6, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim) * 0.1)
+        self.v_bias = nn.Parameter(torch.randn(dim) * 0.1)
+        self.proj = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)  # layer scale
+        self.fc1 = nn.Linear(dim, 24)
+        self.fc2 = nn.Linear(24, dim)
+        self.head = nn.Linear(dim, 3)
+        head_dim = dim // heads
+        angles = torch.arange(tokens)[:, None] * (10000 ** (-torch.arange(head_dim // 2) / (head_dim // 2)))[None]
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, _ = h.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(h, self.qkv.weight, bias).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = q * self.cos + _rotate_half(q) * self.sin
+        k = k * self.cos + _rotate_half(k) * self.sin
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        h = h + self.gamma * self.proj(a)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1))

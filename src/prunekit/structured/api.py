@@ -30,6 +30,7 @@ from .criteria import GroupCriterion, ScoringContext, get_group_criterion
 from .graph import DependencyGraph, Group
 from .hf_io import mlp_layers, sync_config
 from .surgery import channel_masks, remove_channels
+from .undo import all_or_nothing
 
 __all__ = [
     "prune",
@@ -244,22 +245,26 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> list:
 
 
 def _apply(graph: DependencyGraph, removal: dict[int, Tensor], physical: bool, example_inputs: Any) -> list[str]:
+    """Mask or remove the channels; all or nothing: if any step raises, the model is restored."""
     model = graph.model
     if not physical:
         changed = []
-        with torch.no_grad():
-            for name, keep in channel_masks(graph, removal).items():
+        masks = channel_masks(graph, removal)
+        written = [info.tensor for info in graph.tensors if info.name in masks]  # attach zeroes them
+        with all_or_nothing(model, written), torch.no_grad():
+            for name, keep in masks.items():
                 masking.attach(model, name, keep, copy=False)
                 changed.append(name.rpartition(".")[0])
         return sorted(set(changed))
     before = _output_shapes(model, example_inputs)
     mlp = mlp_layers(model)
-    changed = remove_channels(graph, removal)
-    sync_config(model, mlp)  # a transformers model's config follows (a no-op for other models)
-    after = _output_shapes(model, example_inputs)
-    if before != after:  # a bug in a rule, never expected: say so loudly
-        raise RuntimeError(f"structured surgery changed the model's output shapes {before} -> {after}; "
-                           "please report this model")
+    with all_or_nothing(model):
+        changed = remove_channels(graph, removal)
+        sync_config(model, mlp)  # a transformers model's config follows (a no-op for other models)
+        after = _output_shapes(model, example_inputs)
+        if before != after:  # a bug in a rule, never expected: say so loudly (the model is restored)
+            raise RuntimeError(f"structured surgery changed the model's output shapes {before} -> {after}; "
+                               "please report this model")
     return changed
 
 

@@ -566,6 +566,17 @@ class RuleContext:
         info.roles.setdefault(dim, set()).add(role)
         return info.dims[dim]
 
+    def add_role(self, labels: Tensor | None, role: str) -> None:
+        """Every parameter dimension labelled exactly ``labels`` takes ``role`` too: the weight of a layer
+        that computes it in forward() (a standardised weight) writes (``"out"``) or reads (``"in"``) the
+        channels as a layer's weight does."""
+        if labels is None:
+            return
+        for info in self._state.infos.values():
+            for dim, atoms in info.dims.items():
+                if atoms.shape == labels.shape and torch.equal(atoms, labels):
+                    info.roles.setdefault(dim, set()).add(role)
+
     def consume(self, info: TensorInfo | None, dim: int, labels: Tensor | None, role: str) -> None:
         """``info``'s dimension ``dim`` follows ``labels`` (``None`` = an unlabelled, fixed input)."""
         if info is None:

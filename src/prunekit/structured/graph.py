@@ -310,6 +310,13 @@ class DependencyGraph:
         groups = []
         for sig, comps in sorted(signatures.items(), key=lambda item: (item[0][0], item[1][0])):
             comp_tensor = torch.tensor(comps, dtype=torch.long)
+            if not any(keys[k][0].roles.get(keys[k][1], set()) & {"in", "out"} for k in sig):
+                # no layer writes or reads these channels (parameters used directly, e.g. the parts of a
+                # bias concatenated in forward()): removing them alone would break whatever uses them
+                first = keys[sig[0]][0]
+                self._atoms.pin(comp_tensor, first.name, "no layer writes or reads these channels "
+                                                         "(parameters used directly); never pruned on their own")
+                continue
             lookup = torch.full((self._atoms.count,), -1, dtype=torch.long)
             lookup[comp_tensor] = torch.arange(len(comps))
             members = []

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..modules import replace_module
 from .blocks import RemovedBlock
-from .rules import module_rule
+from .rules import shape_rule
 from .surgery import RESIZED_ATTR, Sizes
 
 __all__ = ["STRUCTURE_KEY", "structure_metadata", "Structure"]
@@ -67,7 +67,7 @@ def structure_metadata(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if not getattr(module, RESIZED_ATTR, False) or isinstance(module, RemovedBlock):
             continue
-        rule = module_rule(module)
+        rule = shape_rule(module)
         attributes = {a: _jsonable(getattr(module, a)) for a in (rule.attributes if rule else ())}
         tensors = {t: list(v.shape) for t, v in _own_tensors(module).items()}
         modules[name] = {"type": _type_name(module), "attributes": attributes, "tensors": tensors}
@@ -159,6 +159,6 @@ class Structure:
                 setattr(module, RESIZED_ATTR, True)
             for name in self.modules:  # after every tensor has its shape: a layer may read its children's
                 module = modules.get(name)
-                rule = module_rule(module) if module is not None else None
+                rule = shape_rule(module) if module is not None else None
                 if rule is not None and rule.resize is not None:
                     rule.resize(module, Sizes(None))

@@ -34,6 +34,7 @@ from .api import (
 from .criteria import ScoringContext
 from .graph import DependencyGraph
 from .surgery import channel_masks
+from .undo import all_or_nothing
 
 __all__ = ["StructuredSpec"]
 
@@ -107,8 +108,10 @@ class StructuredSpec:
     def apply(self, removal: Mapping[int, torch.Tensor]) -> list[LayerReport]:
         """Mask the channels (every parameter of their group); one report row per group."""
         before = [m.float().mean().item() for m in self.masked()]
-        with torch.no_grad():
-            for name, keep in channel_masks(self.graph, removal).items():
+        masks = channel_masks(self.graph, removal)
+        written = [info.tensor for info in self.graph.tensors if info.name in masks]  # attach zeroes them
+        with all_or_nothing(self.model, written), torch.no_grad():
+            for name, keep in masks.items():
                 masking.attach(self.model, name, keep, copy=False)
         after = [m.float().mean().item() for m in self.masked()]
         return [LayerReport(g.name, (g.size,), g.size, b, a) for g, b, a in zip(self.graph.groups(), before, after)]

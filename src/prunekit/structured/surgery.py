@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .graph import DependencyGraph
-from .rules import module_rule
+from .rules import shape_rule
+from .undo import all_or_nothing
 
 __all__ = ["Sizes", "remove_channels", "channel_masks", "RESIZED_ATTR"]
 
@@ -67,7 +68,9 @@ def _keep_indices(graph: DependencyGraph, removed: Tensor):
 def remove_channels(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> list[str]:
     """Remove ``removal[group index]`` channels of each group from ``graph.model``, in place.
 
-    Returns the names of the layers that changed. The graph is stale afterwards.
+    Returns the names of the layers that changed. The graph is stale afterwards. The whole plan (which
+    indices every tensor keeps, every layer's new input size) is computed and checked first; if a step of
+    the change itself raises, the model is restored exactly (see undo.py) and the error propagates.
     """
     graph._check_fresh()
     removed = _removed_components(graph, removal)
@@ -83,6 +86,14 @@ def remove_channels(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> li
             keep = lab < 0
             keep[~keep] = ~torch.isin(roots[lab[~keep]], removed)
             input_sizes[id(call.module)] = int(keep.sum())
+    with all_or_nothing(graph.model):
+        changed = _change(graph, plan, input_sizes)
+    graph.stale = True
+    return sorted({name for name, _ in changed.values()})
+
+
+def _change(graph: DependencyGraph, plan: dict, input_sizes: dict[int, int]) -> dict[int, tuple[str, nn.Module]]:
+    """Shrink the tensors as planned, then let every changed layer's rule resize its attributes."""
     changed: dict[int, tuple[str, nn.Module]] = {}
     with torch.no_grad():
         for info, dims in plan.items():
@@ -101,23 +112,22 @@ def remove_channels(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> li
                 changed[id(module)] = (name, module)
     for call in graph.calls:
         name, module = call.name, call.module
-        rule = module_rule(module)
+        rule = shape_rule(module)
         if id(module) in input_sizes and id(module) not in changed and rule is not None and rule.resize is not None:
             lab = call.input_channels()
             if lab is not None and input_sizes[id(module)] != lab.numel():
                 changed[id(module)] = (name, module)
     for name, module in graph.model.named_modules():  # a layer whose sizes live in its children's tensors
-        rule = module_rule(module)
+        rule = shape_rule(module)
         if id(module) not in changed and rule is not None and rule.resize is not None and any(
                 id(child) in changed for child in module.modules()):
             changed[id(module)] = (name, module)
     for name, module in changed.values():
-        rule = module_rule(module)
+        rule = shape_rule(module)
         if rule is not None and rule.resize is not None:
             rule.resize(module, Sizes(input_sizes.get(id(module))))
         setattr(module, RESIZED_ATTR, True)
-    graph.stale = True
-    return sorted({name for name, _ in changed.values()})
+    return changed
 
 
 def channel_masks(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> dict[str, Tensor]:

@@ -7,10 +7,10 @@ embeddings) and ``attention`` (scaled dot-product attention, ``nn.MultiheadAtten
 """
 
 from . import attention, elementwise, layers, pooling, shape  # noqa: F401  (each registers its rules)
-from .base import ModuleRule, Rule, find_rule, module_rule, register_rule
+from .base import ModuleRule, Rule, find_rule, module_rule, register_rule, shape_rule
 from .elementwise import broadcast, passthrough
 from .layers import conv_like, linear_like
 from .shape import reshape_rule
 
-__all__ = ["ModuleRule", "Rule", "register_rule", "module_rule", "find_rule", "broadcast", "passthrough",
-           "reshape_rule", "linear_like", "conv_like"]
+__all__ = ["ModuleRule", "Rule", "register_rule", "module_rule", "shape_rule", "find_rule", "broadcast",
+           "passthrough", "reshape_rule", "linear_like", "conv_like"]

@@ -68,7 +68,8 @@ def _resize_mha(module: nn.MultiheadAttention, sizes) -> None:
             module.__class__ = type(cls.__name__, (PrunedMultiheadAttention,), namespace)
 
 
-@rule_for_modules(nn.MultiheadAttention, resize=_resize_mha, attributes=("embed_dim", "kdim", "vdim", "num_heads"))
+@rule_for_modules(nn.MultiheadAttention, PrunedMultiheadAttention, resize=_resize_mha,
+                  attributes=("embed_dim", "kdim", "vdim", "num_heads"))
 def _mha_rule(ctx):
     m = ctx.module
     q_arg, k_arg, v_arg = ctx.raw(0, "query"), ctx.raw(1, "key"), ctx.raw(2, "value")

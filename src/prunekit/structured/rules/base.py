@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .._types import NONE
 
-__all__ = ["ModuleRule", "Rule", "register_rule", "module_rule", "find_rule", "rule_for_modules",
+__all__ = ["ModuleRule", "Rule", "register_rule", "module_rule", "shape_rule", "find_rule", "rule_for_modules",
            "rule_for_functions", "rule_for_methods", "none_labels", "norm_dim", "first_input"]
 
 #: a rule: ``rule(ctx) -> labels of the output``
@@ -106,9 +106,24 @@ def register_rule(
 
 
 def module_rule(module: nn.Module) -> ModuleRule | None:
-    """The rule of ``module``'s type (or of its nearest registered base class)."""
-    for cls in type(module).__mro__:
-        found = _MODULE_RULES.get(cls)
+    """The rule of ``module``'s type, or of its nearest registered base class when the type runs that
+    class's ``forward``. A subclass with its own ``forward`` (a channels-first LayerNorm, a
+    weight-standardised convolution) computes something else: it gets no rule from its parent, so the
+    tracer traces into it (or, kept whole, it is refused as an op without a rule)."""
+    cls = type(module)
+    for base in cls.__mro__:
+        found = _MODULE_RULES.get(base)
+        if found is not None:
+            return found if base is cls or getattr(cls, "forward", None) is getattr(base, "forward", None) else None
+    return None
+
+
+def shape_rule(module: nn.Module) -> ModuleRule | None:
+    """The rule whose ``resize`` and ``attributes`` describe ``module``'s size attributes: of its type or
+    nearest registered base class, even one whose ``forward`` it overrides (a weight-standardised
+    convolution still keeps ``out_channels`` as ``nn.Conv2d`` does)."""
+    for base in type(module).__mro__:
+        found = _MODULE_RULES.get(base)
         if found is not None:
             return found
     return None

@@ -156,6 +156,8 @@ _UNARY_FUNCTIONS = [
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     torch.nn.functional.sigmoid, torch.nn.functional.tanh, torch.clone, torch.detach, operator.neg,
     operator.pos, abs, torch.nan_to_num, torch.log1p, torch.expm1,
+    # same shape as the input, whatever the values: the channels shrink with the input's
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
 ]
 _UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt", "rsqrt",

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .._types import ParamRef
 from .base import first_input, none_labels, rule_for_functions, rule_for_methods, rule_for_modules
 
-__all__ = ["linear_like", "conv_like", "per_channel_norm", "group_norm_like", "layer_norm_like", "embedding_like",
+__all__ = ["follow", "bias_follows", "linear_like", "conv_like", "per_channel_norm", "group_norm_like", "layer_norm_like", "embedding_like",
            "weight_info"]
 
 
@@ -32,6 +32,27 @@ def weight_info(ctx, arg):
     return lab.info if isinstance(lab, ParamRef) else None
 
 
+def follow(ctx, a: Tensor | None, b: Tensor | None, reason: str) -> None:
+    """``a`` and ``b`` label the same indices: make them equal; one without labels pins the other."""
+    if a is not None and b is not None:
+        ctx.union(a, b)
+    else:
+        ctx.pin(a if a is not None else b, reason)
+
+
+def bias_follows(ctx, b_arg, produced: Tensor | None, role: str = "out") -> None:
+    """The bias of a layer whose output channels are ``produced``: a parameter follows them; a bias
+    computed in forward() (``torch.cat((q_bias, k_bias, v_bias))``) is coupled to them, entry by entry, so
+    the parameters it is made of shrink with the layer and never alone."""
+    if b_arg is None or ctx.value(b_arg) is None:
+        return
+    info = weight_info(ctx, b_arg)
+    if info is not None:
+        ctx.consume(info, 0, produced, role)
+    else:
+        follow(ctx, produced, ctx.dims(b_arg).get(0), "a bias computed in forward() that does not follow the channels")
+
+
 def linear_like(ctx, x_arg, w_info, b_info, w_labels: dict | None = None) -> dict:
     """y = x W^T + b over the last dim of x; W's dim 1 reads x's channels, dim 0 writes new ones."""
     value = ctx.value(x_arg)
@@ -42,13 +63,14 @@ def linear_like(ctx, x_arg, w_info, b_info, w_labels: dict | None = None) -> dic
         ctx.consume(w_info, 1, x.get(d), "in")
         ctx.tap(value, d, x.get(d))
         produced = ctx.param(w_info, 0, "out")
-    else:  # a weight computed in forward(): a parameter-free contraction, pinned
+    else:  # a weight computed in forward(): its labels say which columns and rows follow the channels
         w_labels = w_labels or {}
-        if d in x:
-            ctx.pin(x[d], "linear with a weight computed in forward(): removal could not follow")
-        if 1 in w_labels:
-            ctx.pin(w_labels[1], "linear with a weight computed in forward()")
+        follow(ctx, x.get(d), w_labels.get(1), "linear with a weight computed in forward() whose input "
+                                               "dimension does not follow the channels")
+        ctx.tap(value, d, x.get(d))
         produced = w_labels.get(0)
+        ctx.add_role(w_labels.get(1), "in")
+        ctx.add_role(produced, "out")
     if b_info is not None and produced is not None:
         ctx.consume(b_info, 0, produced, "out")
     if produced is not None:
@@ -61,10 +83,9 @@ def _f_linear(ctx):
     w_arg, b_arg = ctx.raw(1, "weight"), ctx.raw(2, "bias")
     w_info = weight_info(ctx, w_arg)
     w_labels = None if w_info is not None else ctx.dims(w_arg)
-    b_info = weight_info(ctx, b_arg) if b_arg is not None else None
-    if b_arg is not None and b_info is None and w_info is not None:
-        ctx.pin(ctx.param(w_info, 0, "out"), "linear with a bias computed in forward()")
-    return linear_like(ctx, ctx.raw(0, "input"), w_info, b_info, w_labels)
+    out = linear_like(ctx, ctx.raw(0, "input"), w_info, None, w_labels)
+    bias_follows(ctx, b_arg, out.get(ctx.value(ctx.raw(0, "input")).ndim - 1))
+    return out
 
 
 def conv_like(ctx, x_arg, w_info, b_info, groups: int, transposed: bool, n_spatial: int) -> dict:
@@ -127,16 +148,50 @@ def conv_like(ctx, x_arg, w_info, b_info, groups: int, transposed: bool, n_spati
     return out
 
 
+def _computed_weight_conv(ctx, x_arg, w: dict, b_arg, groups: int, transposed: bool, n_spatial: int) -> dict:
+    """A convolution whose weight is computed in forward() (weight standardisation, a gain): its input and
+    output channels follow the computed weight's labels (a standardisation over the input channels has
+    pinned them); grouped ones are pinned."""
+    value = ctx.value(x_arg)
+    x = ctx.dims(x_arg)
+    c = value.ndim - n_spatial - 1
+    out = {d: l for d, l in x.items() if d < c}
+    for d, l in x.items():
+        if d > c:
+            ctx.pin(l, "convolves over this dimension (spatial), which carries channels")
+    for d, l in w.items():
+        if d >= 2:
+            ctx.pin(l, "kernel dimension of a convolution weight computed in forward()")
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if groups != 1:
+        for l in (x.get(c), w.get(0), w.get(1)):
+            ctx.pin(l, "grouped convolution with a weight computed in forward()")
+        return out
+    follow(ctx, x.get(c), w.get(in_dim), "convolution with a weight computed in forward() whose input "
+                                         "dimension does not follow the channels")
+    ctx.tap(value, c, x.get(c))
+    produced = w.get(out_dim)
+    ctx.add_role(w.get(in_dim), "in")
+    ctx.add_role(produced, "out")
+    bias_follows(ctx, b_arg, produced)
+    if produced is not None:
+        out[c] = produced
+    return out
+
+
 def _f_conv(n_spatial: int, transposed: bool):
     def rule(ctx):
         w_arg, b_arg = ctx.raw(1, "weight"), ctx.raw(2, "bias")
         groups = ctx.arg(6, "groups", 1)  # conv*d and conv_transpose*d both take groups 7th
         w_info = weight_info(ctx, w_arg)
-        b_info = weight_info(ctx, b_arg) if b_arg is not None else None
+        x_arg = ctx.raw(0, "input")
         if w_info is None:
-            for l in ctx.dims(w_arg).values():
-                ctx.pin(l, "convolution with a weight computed in forward()")
-        return conv_like(ctx, ctx.raw(0, "input"), w_info, b_info, groups, transposed, n_spatial)
+            return _computed_weight_conv(ctx, x_arg, ctx.dims(w_arg), b_arg, groups, transposed, n_spatial)
+        b_info = weight_info(ctx, b_arg) if b_arg is not None else None
+        out = conv_like(ctx, x_arg, w_info, b_info, groups, transposed, n_spatial)
+        if b_info is None:
+            bias_follows(ctx, b_arg, out.get(ctx.value(x_arg).ndim - n_spatial - 1))
+        return out
 
     return rule
 
@@ -233,16 +288,28 @@ def _f_batch_norm(ctx):
         tensors = [ctx.raw(1, "running_mean"), ctx.raw(2, "running_var"), ctx.raw(3, "weight"), ctx.raw(4, "bias")]
     else:
         tensors = [ctx.raw(1, "running_mean"), ctx.raw(2, "running_var"), ctx.raw(3, "weight"), ctx.raw(4, "bias")]
+    x_arg = ctx.raw(0, "input")
+    value = ctx.value(x_arg)
+    c = 1 if value.ndim > 1 else 0
+    x = ctx.dims(x_arg)
+    channels = x.get(c)
+    batch_statistics = name == "instance_norm" or ctx.value(ctx.raw(1, "running_mean")) is None or bool(
+        ctx.arg(5, "training", False))
+    if batch_statistics:  # the statistics are taken over every other dimension: those cannot shrink
+        for d, l in x.items():
+            if d != c:
+                ctx.pin(l, f"{name} computes its statistics over dimension {d}")
     infos = []
     for t in tensors:
-        if t is None:
+        if t is None or ctx.value(t) is None:
             continue
         info = weight_info(ctx, t)
-        if info is None:
-            for l in ctx.dims(ctx.raw(0, "input")).values():
-                ctx.pin(l, "normalisation with statistics computed in forward()")
-        infos.append(info)
-    return per_channel_norm(ctx, ctx.raw(0, "input"), infos)
+        if info is not None:
+            infos.append(info)
+        else:  # per-channel statistics or affine parameters computed in forward(): they follow the channels
+            follow(ctx, channels, ctx.dims(t).get(0), "normalisation with per-channel tensors computed in "
+                                                      "forward() that do not follow the channels")
+    return per_channel_norm(ctx, x_arg, infos)
 
 
 def group_norm_like(ctx, x_arg, num_groups: int, w_info, b_info) -> dict:
@@ -371,8 +438,8 @@ def _resize_num_features(module, sizes):
         module.num_features = sizes.input_channels
 
 
-@rule_for_modules(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, resize=_resize_num_features,
-         attributes=("num_features",))
+@rule_for_modules(nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.modules.instancenorm._InstanceNorm,
+                  resize=_resize_num_features, attributes=("num_features",))
 def _batch_norm_module(ctx):
     m = ctx.module
     infos = [ctx.tensor(m, n) for n in ("weight", "bias", "running_mean", "running_var")]

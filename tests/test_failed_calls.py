@@ -32,10 +32,16 @@ def test_zero_size_parameter_is_skipped_not_a_zero_division():
 def test_meta_device_model_gets_a_clear_error():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
-    with pytest.raises(ValueError, match="0.weight, 1.weight on the meta device: there are no weights to score"):
+    with pytest.raises(ValueError, match="0.weight, 0.bias, 1.weight and 1 more on the meta device: there are no weights to prune"):
         pk.prune(model, 0.5)
     with pytest.raises(ValueError, match="on the meta device"):
         pk.Pruner(model, pk.schedules.OneShot(0.5))
+    with pytest.raises(ValueError, match="on the meta device"):
+        pk.structured.prune(model, torch.randn(1, 8), ratio=0.5)
+    with pytest.raises(ValueError, match="on the meta device"):
+        pk.structured.StructuredSpec(model, torch.randn(1, 8))
+    with pytest.raises(ValueError, match="on the meta device"):
+        pk.llm.prune(model, torch.zeros(1, 4, dtype=torch.long), method="magnitude")
     assert pk.masks(model) == {}
 
 
@@ -63,5 +69,5 @@ def test_non_numbers_are_refused_before_any_change(value):
 
 
 def test_prune_needs_a_module():
-    with pytest.raises(TypeError, match="prunekit prunes a torch nn.Module; got str"):
+    with pytest.raises(TypeError, match="prunekit needs a torch nn.Module to prune; got str"):
         pk.prune("x", 0.5)

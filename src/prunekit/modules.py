@@ -9,6 +9,7 @@
 * :func:`is_gpt_conv1d`: transformers' GPT-2 ``Conv1D`` (a Linear whose weight is stored ``(in, out)``).
 * :func:`fraction_pruned`: the fraction of zeros in a mask.
 * :func:`named_persistent_buffers`: the buffers a state dict holds, without those of parametrizations.
+* :func:`check_model`: an ``nn.Module`` with real weights (not on the ``meta`` device), or a clear error.
 
 A leaf: it imports only torch.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "is_gpt_conv1d",
     "fraction_pruned",
     "named_persistent_buffers",
+    "check_model",
 ]
 
 Inputs = Any  # a tensor, a tuple of positional arguments, or a mapping of keyword arguments
@@ -116,3 +118,18 @@ def named_persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         for name, buffer in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
                 yield (f"{module_name}.{name}" if module_name else name), buffer
+
+
+def check_model(model: Any, what: str = "prune") -> nn.Module:
+    """``model`` itself, when it is an ``nn.Module`` whose parameters hold values; else a clear error
+    (``TypeError`` for another object, ``ValueError`` for weights on the ``meta`` device)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prunekit needs a torch nn.Module to {what}; got {type(model).__name__}")
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        shown = ", ".join(on_meta[:3]) + (f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else "")
+        raise ValueError(
+            f"{shown} on the meta device: there are no weights to {what}; load them first "
+            "(pk.load materialises a meta model)"
+        )
+    return model

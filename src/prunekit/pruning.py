@@ -22,6 +22,7 @@ from .criteria import Criterion, get_criterion
 from .granularity import GROUP_NORMS, NM, Granularity, get_granularity
 from .scope import LayerScores, PerLayer, Scope, check_sparsity, get_scope, warn_emptied
 from .statistics import LossFn, TargetStatistics, collect_gradient_statistics
+from .modules import check_model
 from .registry import did_you_mean
 from .targets import Target, resolve_targets
 
@@ -195,8 +196,7 @@ class PruningSpec:
         else:
             options = PruningOptions(*args, **kwargs)
         self.options = options
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"prunekit prunes a torch nn.Module; got {type(model).__name__}")
+        check_model(model)  # a module with real weights
         method, granularity, scope = options.method, options.granularity, options.scope
         targets, exclude, group_norm = options.targets, options.exclude, options.group_norm
         max_layer_sparsity, seed = options.max_layer_sparsity, options.seed
@@ -216,12 +216,6 @@ class PruningSpec:
         )
         self.seed = int(seed)
         resolved = resolve_targets(model, targets, exclude)
-        on_meta = [t.name for t in resolved if t.parameter.is_meta]
-        if on_meta:
-            raise ValueError(
-                f"{', '.join(on_meta[:3])}{' ...' if len(on_meta) > 3 else ''} on the meta device: there are no "
-                "weights to score; load them first (pk.load materialises a meta model)"
-            )
         self.targets: list[Target] = [t for t in resolved if t.numel() > 0]  # nothing to prune in an empty one
         if not self.targets:
             raise ValueError(f"every target is empty (zero entries): {', '.join(t.name for t in resolved[:3])}")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import eval_mode
+from ..modules import check_model, eval_mode
 from ..pruning import LayerReport, PruneReport
 from ..scope import check_sparsity, warn_emptied
 from .blocks import find_blocks
@@ -89,10 +89,11 @@ def prune(
         **options: method options, e.g. ``blocksize=128, percdamp=0.01`` for SparseGPT.
 
     Returns a report (per-layer sparsity, per-block time). The result is prunekit masks (plus updated
-    weights for SparseGPT): ``prunekit.sparsity``, ``prunekit.finalize`` and ``prunekit.save`` work on it;
-    call ``prunekit.finalize(model)`` before ``model.save_pretrained``.
+    weights for SparseGPT): ``prunekit.sparsity``, ``prunekit.finalize`` and ``prunekit.save`` work on it, and
+    so does ``model.save_pretrained`` (the dense keys; plain ``from_pretrained`` loads the pruned weights).
     """
     # --- validate everything before any change ---------------------------------------------------
+    check_model(model)  # a module with real weights
     layer_method = get_method(method, **options)
     nm = parse_pattern(pattern)
     if nm is not None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import masking
-from ..modules import call_model, eval_mode, matches
+from ..modules import call_model, check_model, eval_mode, matches
 from ..pruning import options_from_kwargs, options_signature
 from ..registry import unknown_name_message
 from ..scope import check_sparsity
@@ -374,6 +374,7 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float | Mapping[str, flo
 
     Returns a :class:`StructuredReport`. The model's outputs keep their shape.
     """
+    check_model(model)  # a module with real weights
     request = options_from_kwargs(StructuredOptions, "prune", options)
     criterion = request.criterion()
     method, scope, exclude, round_to = request.method, request.scope, request.exclude, request.round_to

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import masking
+from ..modules import check_model
 from ..pruning import LayerReport, PruneReport, options_signature
 from ..scope import check_sparsity
 from .api import (
@@ -55,6 +56,7 @@ class StructuredSpec:
     gradient_targets: tuple = ()
 
     def __init__(self, model: nn.Module, example_inputs: Any, *args: Any, **kwargs: Any) -> None:
+        check_model(model)  # a module with real weights
         options = StructuredOptions(*args, **kwargs)
         self.group_criterion = options.criterion()
         self.options = options

@@ -421,3 +421,31 @@ class RopeAttentionNet(nn.Module):
         h = h + self.gamma * self.proj(a)
         h = h + self.fc2(F.gelu(self.fc1(h)))
         return self.head(h.mean(1))
+
+
+class PositionNet(nn.Module):
+    """A learned position embedding added to the tokens (a parameter used directly, part of the residual
+    group), and a relative-position bias table indexed by a buffer and added to per-head attention scores
+    (advanced indexing: the table pins what it touches)."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, tokens: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(5, dim)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.o = nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        idx = torch.arange(tokens)
+        self.register_buffer("index", idx[:, None] - idx[None] + tokens - 1)
+        self.fc = nn.Linear(dim, 10)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x):
+        h = self.embed(x) + self.pos
+        b, n, c = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5 + self.table[self.index].permute(2, 0, 1)
+        a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        h = h + self.o(a)
+        return self.head(torch.relu(self.fc(h)).mean(1))

@@ -10,6 +10,7 @@ from structured_models import (
     GainStdConv2d,
     LayerNorm2d,
     MHANet,
+    PositionNet,
     RopeAttentionNet,
     ScaledStdConv2d,
     StandardisedNet,
@@ -86,6 +87,21 @@ def test_a_bias_concatenated_in_forward_is_never_pruned_on_its_own():
     assert len(removal) == 2 and after < before
     report = pk.structured.prune(model, x, 0.3)
     assert model.q_bias.shape == (16,) and model.fc1.out_features == 17 and report.params_after < report.params_before
+
+
+def test_a_position_embedding_follows_its_group_and_an_indexed_bias_table_pins_its_heads():
+    model = PositionNet()
+    x = torch.randn(2, 4, 5)
+    graph = DependencyGraph(model, x)
+    members = {g.name: {m.name for m in g.members} for g in graph.groups()}
+    assert members == {
+        "embed": {"pos", "embed.weight", "embed.bias", "qkv.weight", "o.weight", "o.bias", "fc.weight"},
+        "fc": {"fc.weight", "fc.bias", "head.weight"},
+    }
+    table = [b for b in graph.boundaries() if "advanced (tensor) indexing" in b.reason]
+    assert sum(b.channels for b in table) == 7 + 3  # both dimensions of the (2n-1, heads) table
+    _, removal, before, after = check_equivalence(PositionNet(), x)
+    assert len(removal) == 2 and after < before
 
 
 def _snapshot(model: nn.Module) -> dict:

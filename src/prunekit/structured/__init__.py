@@ -8,10 +8,22 @@ residual blocks, group criteria, and channel masks that agree with surgery.
 """
 
 from ._types import UnsupportedOperationError
+from .api import (
+    GroupReport,
+    StructuredOptions,
+    StructuredReport,
+    prune,
+    remove,
+    remove_dead,
+    select_channels,
+)
+from .blocks import RemovedBlock, block_scores, remove_blocks, residual_blocks
+from .criteria import GROUP_CRITERIA, GroupCriterion, get_group_criterion
 from .graph import Boundary, DependencyGraph, Group, Member
 from .hf_io import load_pretrained
 from .mha import PrunedMultiheadAttention
 from .rules import ModuleRule, register_rule
+from .spec import StructuredSpec
 from .surgery import channel_masks, remove_channels
 
 __all__ = [
@@ -26,21 +38,19 @@ __all__ = [
     "channel_masks",
     "PrunedMultiheadAttention",
     "load_pretrained",
+    "StructuredOptions",
+    "prune",
+    "remove",
+    "remove_dead",
+    "select_channels",
+    "StructuredReport",
+    "GroupReport",
+    "GROUP_CRITERIA",
+    "GroupCriterion",
+    "get_group_criterion",
+    "StructuredSpec",
+    "remove_blocks",
+    "residual_blocks",
+    "block_scores",
+    "RemovedBlock",
 ]
-
-from .api import (
-    GroupReport,
-    StructuredOptions,
-    StructuredReport,
-    prune,
-    remove,
-    remove_dead,
-    select_channels,
-)
-from .blocks import RemovedBlock, block_scores, remove_blocks, residual_blocks
-from .criteria import GROUP_CRITERIA, GroupCriterion, get_group_criterion
-from .spec import StructuredSpec
-
-__all__ += ["StructuredOptions", "prune", "remove", "remove_dead", "select_channels", "StructuredReport", "GroupReport",
-            "GROUP_CRITERIA", "GroupCriterion", "get_group_criterion", "StructuredSpec", "remove_blocks",
-            "residual_blocks", "block_scores", "RemovedBlock"]

@@ -1,5 +1,11 @@
 """Checkpoints of pruning runs resume and load: a real Hugging Face Trainer, a tiny Llama, CPU."""
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,29 +36,38 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-class StopAt(transformers.TrainerCallback):
-    """Ends training after ``step`` optimizer steps, as if the job were killed right after a checkpoint."""
+class KillAt(transformers.TrainerCallback):
+    """Kills the process (SIGKILL: no clean-up) right after the checkpoint of ``step`` is written."""
 
     def __init__(self, step):
         self.step = step
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def hf_run(out, model, stop=None, resume=None):
+def hf_run(out, model, kill=None, resume=None):
     pruner = pk.Pruner(model, pk.schedules.AGP(initial=0.0, final=0.5, start=0, end=6, every=2))
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
         save_strategy="steps", save_steps=4, report_to=[], logging_strategy="no", disable_tqdm=True,
         use_cpu=True, seed=0, dataloader_num_workers=0,
     )
-    callbacks = [hf_callback(pruner)] + ([StopAt(stop)] if stop else [])
+    callbacks = [hf_callback(pruner)] + ([KillAt(kill)] if kill else [])  # prunekit's on_save runs first
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return pruner
+
+
+def killed_run(out, step):
+    """``hf_run`` in another process, killed with SIGKILL after the checkpoint of ``step``."""
+    here = str(Path(__file__).resolve().parent)
+    code = (f"import sys, torch; sys.path.insert(0, {here!r}); torch.set_num_threads(1); import test_resume as t; "
+            f"t.hf_run({str(out)!r}, t.tiny_llama(), kill={step})")
+    src = str(Path(here).parent / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
 def effective(model):
@@ -60,19 +75,23 @@ def effective(model):
 
 
 @pytest.mark.slow
-def test_hugging_face_trainer_resume_continues_the_schedule(tmp_path):
+def test_hugging_face_trainer_killed_and_resumed_continues_the_schedule(tmp_path):
     whole = tiny_llama()
     whole_pruner = hf_run(tmp_path / "whole", whole)
     assert [r.target_sparsity for r in whole_pruner.history] == pytest.approx([0.5 * (1 - (1 - k / 3) ** 3) for k in range(4)][1:])
 
-    first = tiny_llama()
-    hf_run(tmp_path / "run", first, stop=4)
+    done = killed_run(tmp_path / "run", 4)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     checkpoint = tmp_path / "run" / "checkpoint-4"
-    at_stop = effective(first)
+    assert checkpoint.is_dir() and not (tmp_path / "run" / "checkpoint-8").exists()
     # a checkpoint is a plain model: from_pretrained gives the trained, pruned weights
+    final = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "whole" / "checkpoint-8")
+    assert all(torch.equal(final.state_dict()[k], v) for k, v in effective(whole).items())
     plain = transformers.LlamaForCausalLM.from_pretrained(checkpoint)
-    assert all(torch.equal(plain.state_dict()[k], v) for k, v in at_stop.items())
-    assert pk.sparsity(plain) > 0
+    same_step = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "whole" / "checkpoint-4")
+    for key, value in same_step.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    assert 0 < pk.sparsity(plain) < 0.5
 
     resumed_model = tiny_llama(seed=123)  # other initial weights: everything must come from the checkpoint
     resumed = hf_run(tmp_path / "run", resumed_model, resume=str(checkpoint))

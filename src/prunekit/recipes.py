@@ -60,9 +60,6 @@ import importlib
 import importlib.util
 import inspect
 import os
-import time
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +76,7 @@ from .modules import call_model, eval_mode
 from .plots import require_matplotlib
 from .pruning import PruningSpec, check_layer_cap
 from .registry import did_you_mean, unknown_name_message
+from .schema import build_section, type_name, unknown_key
 from .schedules import get_schedule
 from .scope import SCOPES, check_sparsity
 from .serialization import load
@@ -102,6 +100,13 @@ __all__ = [
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the key path (``prune.sparsity``) or the file."""
+
+
+def _advice(key: str, value: Any) -> str:
+    """What to do about a value of the wrong type, where YAML itself misleads."""
+    if key == "granularity" and isinstance(value, int):
+        return ' (YAML reads 2:4 as a number: quote N:M patterns, granularity: "2:4")'
+    return ""
 
 
 #: built-in data sets a recipe can name (functions of prunekit.data)
@@ -222,92 +227,6 @@ _TOP_LEVEL = ("name", "seed", "threads", *_SECTIONS)
 _REQUIRED = ("model", "data", "prune")
 
 
-# --- generic type checking -------------------------------------------------------------------------
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])[2:]}s" if args else "a list"
-    if origin is dict or hint is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            type(None): "null", Any: "anything"}.get(hint, str(hint))
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
-    """(ok, value converted to ``hint``): ints are numbers, a single string is a one-item list."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True, value
-    if origin in (Union, types.UnionType):
-        for arg in args:
-            ok, converted = _coerce(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if hint is type(None):
-        return value is None, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if hint is str:
-        return isinstance(value, str), value
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            return False, value
-        items = [_coerce(v, args[0]) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            return False, value
-        items = {k: _coerce(v, args[1]) for k, v in value.items()}
-        return all(ok for ok, _ in items.values()), {k: v for k, (_, v) in items.items()}
-    raise TypeError(f"unsupported schema type {hint!r}")
-
-
-def _unknown_key(path: str, key: Any, known: typing.Iterable[str]) -> RecipeError:
-    known = list(known)
-    hint = did_you_mean(key, known)
-    where = f"{path}.{key}" if path else str(key)
-    return RecipeError(f"unknown key {where!r}{hint} (known keys{' of ' + path if path else ''}: {', '.join(known)})")
-
-
-def _section(raw: Any, path: str, cls: type) -> Any:
-    """Build the dataclass ``cls`` from a mapping, checking keys and types."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of keys, got {_type_name(raw)} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise _unknown_key(path, key, names)
-        ok, converted = _coerce(value, hints[key])
-        if not ok:
-            hint = ""
-            if key == "granularity" and isinstance(value, int):
-                hint = ' (YAML reads 2:4 as a number: quote N:M patterns, granularity: "2:4")'
-            raise RecipeError(f"{path}.{key}: expected {_describe(hints[key])}, got {_type_name(value)} {value!r}{hint}")
-        values[key] = converted
-    return cls(**values)
-
-
 # --- parsing and value checks ---------------------------------------------------------------------
 
 
@@ -331,16 +250,16 @@ def load_recipe(path: str | Path) -> Recipe:
 def parse_recipe(raw: Any, base_dir: str | Path | None = None, source: Path | None = None) -> Recipe:
     """Validate a recipe given as a mapping (what ``yaml.safe_load`` returns)."""
     if not isinstance(raw, dict):
-        raise RecipeError(f"a recipe is a mapping of sections ({', '.join(_TOP_LEVEL)}), got {_type_name(raw)}")
+        raise RecipeError(f"a recipe is a mapping of sections ({', '.join(_TOP_LEVEL)}), got {type_name(raw)}")
     for key in raw:
         if key not in _TOP_LEVEL:
-            raise _unknown_key("", key, _TOP_LEVEL)
+            raise unknown_key("", key, _TOP_LEVEL, RecipeError)
     for key in _REQUIRED:
         if raw.get(key) is None:
             raise RecipeError(f"{key}: this section is required")
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
-        raise RecipeError(f"name: expected a string, got {_type_name(name)} {name!r}")
+        raise RecipeError(f"name: expected a string, got {type_name(name)} {name!r}")
     if name is not None and (not name.strip() or name in (".", "..") or "/" in name or "\\" in name):
         raise RecipeError(f"name: {name!r} names the default output folder ('<name>-out' next to the recipe), so it "
                           "must be a plain name: not empty, no '/' or '\\', not '.' or '..'")
@@ -353,7 +272,8 @@ def parse_recipe(raw: Any, base_dir: str | Path | None = None, source: Path | No
     if threads is not None and threads > (os.cpu_count() or 1):
         raise RecipeError(f"threads: {threads} is more than this machine's {os.cpu_count() or 1} CPU(s)")
     sections = {
-        key: (_section(raw[key], key, cls) if key in raw else None) for key, cls in _SECTIONS.items()
+        key: (build_section(raw[key], key, cls, RecipeError, _advice) if key in raw else None)
+        for key, cls in _SECTIONS.items()
     }
     if sections["output"] is None:
         sections["output"] = OutputSpec()

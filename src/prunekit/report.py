@@ -31,6 +31,7 @@ import torch
 from . import demo, export, masking, metrics, recipe_run, recipes, sensitivity_analysis
 from .plots import plot_accuracy_vs_sparsity, plot_layer_sparsity, require_matplotlib
 from .data import evaluate
+from .outputs import RunOutput
 from .pruning import prune
 from .render import (  # noqa: F401  (re-exported: the report's building blocks, as before)
     SPEED_SIZE_COLUMNS,
@@ -55,7 +56,6 @@ from .render import (  # noqa: F401  (re-exported: the report's building blocks,
 )
 from .scope import check_sparsity
 from .sensitivity_analysis import plot_sensitivity
-from .outputs import RunOutput
 
 __all__ = [
     "Column",

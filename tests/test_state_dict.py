@@ -141,3 +141,18 @@ def test_summary_rows_count_weight_and_bias_together():
         weight, bias = model[int(layer)].weight, model[int(layer)].bias
         zeros = per_param[f"{layer}.weight"] * weight.numel() + int((bias == 0).sum())
         assert rows[layer]["sparsity"] == pytest.approx(zeros / (weight.numel() + bias.numel()))
+
+
+def test_finalize_after_a_state_dict_leaves_plain_zeros(tmp_path):
+    model = pruned()
+    model.state_dict()  # marks the pruned entries (-0.0) in place, as any checkpoint does
+    pk.finalize(model)
+    for name in ("0.weight", "2.weight"):
+        value = model.get_parameter(name).detach()
+        assert not masking.marks(value).any() and (value == 0).float().mean() == 0.5
+    # so the sparse file of the finalized model stores only the non-zeros
+    reference = pruned()
+    pk.finalize(reference)
+    a = pk.save(model, tmp_path / "a.safetensors", format="sparse")
+    b = pk.save(reference, tmp_path / "b.safetensors", format="sparse")
+    assert a.stat().st_size == b.stat().st_size

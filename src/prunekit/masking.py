@@ -459,10 +459,12 @@ def remove(model: nn.Module, qualified_name: str) -> None:
         own_class(owner.module)
         parametrize.remove_parametrizations(owner.module, owner.param_name, leave_parametrized=True)
     # remove_parametrizations gives every owner its own new Parameter; re-tie them.
-    if len(owners) > 1:
-        shared = owners[0].module._parameters[owners[0].param_name]
-        for owner in owners[1:]:
-            owner.module._parameters[owner.param_name] = shared
+    shared = owners[0].module._parameters.get(owners[0].param_name)
+    for owner in owners[1:] if shared is not None else ():
+        owner.module._parameters[owner.param_name] = shared
+    if shared is not None and shared.is_floating_point() and not shared.is_meta:
+        with torch.no_grad():
+            shared.add_(0.0)  # plain zeros: no -0.0 mark of a mask that is gone (a zero is a zero again)
 
 
 def removable(model: nn.Module, qualified_name: str) -> bool:

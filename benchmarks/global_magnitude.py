@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import multiprocessing as mp
 import os
@@ -49,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whatever is installed
 
 import prunekit as pk  # noqa: E402
-from measuring import cpu_name, peak_rss, rss, run_child, source_state, trim  # noqa: E402
+from measuring import cpu_name, peak_rss, rss, run_child, save_results, source_state, trim  # noqa: E402
 
 METHODS = {
     "torch": "torch.nn.utils.prune.global_unstructured(L1Unstructured)",
@@ -344,10 +343,8 @@ def main(argv=None) -> dict:
     print()
     print(table)
     if not args.no_save:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "global_magnitude.md").write_text(table)
-        (args.out / "global_magnitude.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out / 'global_magnitude.md'} and {args.out / 'global_magnitude.json'}")
+        md, js = save_results(args.out, "global_magnitude", table, result)
+        print(f"wrote {md} and {js}")
     if problems:
         print("MASKS DIFFER: " + "; ".join(problems), file=sys.stderr)
         raise SystemExit(1)

@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whateve
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prunekit as pk  # noqa: E402
-from measuring import cpu_name, peak_rss, run_child, source_state  # noqa: E402
+from measuring import cpu_name, peak_rss, run_child, save_results, source_state  # noqa: E402
 
 _MB = 1 << 20
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -397,8 +397,7 @@ def main(argv=None) -> dict:
         text = markdown(result)
         print(text)
         if not args.no_save:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "llm_pruning.md").write_text(text)
+            save_results(args.out, "llm_pruning", text)
         return result
     torch.set_num_threads(args.threads)
     calib, held, ids = token_data(args.samples, args.seq_len, args.eval_tokens, 50257, text=not args.random_ids)
@@ -453,10 +452,7 @@ def main(argv=None) -> dict:
     text = markdown(result)
     print(text)
     if not args.no_save:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "llm_pruning.md").write_text(text)
-        (out / "llm_pruning.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_results(args.out, "llm_pruning", text, result)
     problems = [r.get("error", "") for r in runs if "error" in r]
     problems += [f"{r['method']}: masks or weights differ from the baseline's" for r in runs
                  if r.get("identical_to_baseline") is False]

@@ -7,11 +7,13 @@
   exceeds the earlier peak) and ``exact`` says so.
 * :func:`run_child`: ``fn(*args)`` in a new process of a ``multiprocessing`` context, its result sent back
   (or ``{"error": ...}``), so that each measurement starts from a clean heap.
-* :func:`cpu_name`, :func:`source_state`: what ran, for the results file.
+* :func:`cpu_name`, :func:`source_state`: what ran, for the results file; :func:`save_results` writes
+  it (``<name>.md`` and ``<name>.json``, each atomically).
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import traceback
@@ -20,9 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prunekit.fileio import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["rss", "trim", "reset_peak", "peak_rss", "run_child", "cpu_name", "source_state"]
+__all__ = ["rss", "trim", "reset_peak", "peak_rss", "run_child", "cpu_name", "source_state", "save_results"]
 
 
 def rss() -> dict[str, int]:
@@ -121,3 +125,14 @@ def source_state() -> dict:
 
     return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
             "modified": [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]}
+
+
+def save_results(out: str | Path, name: str, markdown: str, result: Any = None) -> list[Path]:
+    """Write ``<out>/<name>.md`` (and ``<out>/<name>.json`` when ``result`` is given), each atomically,
+    creating ``out``; returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [atomic_write(out / f"{name}.md", markdown)]
+    if result is not None:
+        paths.append(atomic_write(out / f"{name}.json", json.dumps(result, indent=2) + "\n"))
+    return paths

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whateve
 
 import prunekit as pk  # noqa: E402
 from prunekit import export  # noqa: E402
-from measuring import cpu_name, source_state  # noqa: E402
+from measuring import cpu_name, save_results, source_state  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 BATCHES = (1, 32)
@@ -149,11 +148,8 @@ def main(argv=None) -> int:
     text = "\n".join(md)
     print(text)
     if not args.no_save:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sparse_inference.md").write_text(text, encoding="utf-8")
         data = {"settings": settings, "linear": linear_rows, "conv": conv_rows, "outputs_match": ok}
-        (out / "sparse_inference.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        save_results(args.out, "sparse_inference", text, data)
     return 0 if ok else 1
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whateve
 
 import prunekit as pk
 from prunekit.models import get_model
+from measuring import save_results
 
 TARGET_EFFICIENCY = 0.8  # measured / theoretical at batch 32 and 50%
 
@@ -232,10 +232,7 @@ def main(argv=None) -> int:
     table = markdown(result)
     print(table)
     if not args.no_save:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "structured_speedup.md").write_text(table)
-        (out / "structured_speedup.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_results(args.out, "structured_speedup", table, result)
     for failure in result["failures"]:
         print("FAILED:", failure, file=sys.stderr)
     return 1 if result["failures"] else 0

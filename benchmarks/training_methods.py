@@ -16,7 +16,6 @@ all). What each row does is in ``METHODS`` below and in the Markdown file's note
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -36,6 +35,7 @@ from prunekit.data import digits, evaluate, loaders, make_optimizer, train  # no
 from prunekit.models import LeNet300100  # noqa: E402
 from prunekit.regularizers import L0, LearnedMasks, SparseVD, get_penalty  # noqa: E402
 from prunekit.training import SET, LotteryTicket, RigL, SETCosine, capture, rewind  # noqa: E402
+from measuring import save_results  # noqa: E402
 
 
 @dataclass
@@ -423,10 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     if not args.no_save:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "training_methods.md").write_text(table)
         payload = {"config": cfg.__dict__, "seeds": seeds, "torch": torch.__version__, "results": results}
-        (args.out / "training_methods.json").write_text(json.dumps(payload, indent=2) + "\n")
+        save_results(args.out, "training_methods", table, payload)
     return 0
 
 

@@ -122,3 +122,13 @@ def test_obs_beats_magnitude_one_shot_on_digits():
     pk.prune(magnitude, 0.9, method="magnitude", scope="local")
     pk.prune(obs, 0.9, method="obs", scope="local", data=train_loader)
     assert evaluate(obs, test_loader) > evaluate(magnitude, test_loader) + 0.05
+
+
+def test_obs_from_a_recipe(tmp_path):
+    from prunekit.recipe_run import run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {builtin: tinymlp}\ndata: {name: digits}\nprune: {method: obs, sparsity: 0.5, scope: local}\n"
+                      "train: {epochs: 1}\noutput: {report: false, save: false}\n")
+    results = run_recipe(recipe, out_dir=tmp_path / "out")
+    assert abs(results["after"]["sparsity"] - 0.5) < 0.01

@@ -58,3 +58,14 @@ def test_recipe_accepts_han_without_sparsity():
     assert parse_recipe(raw).prune.sparsity is None
     with pytest.raises(RecipeError, match="sparsity"):
         parse_recipe({**raw, "prune": {"method": "han", "scope": "global"}})
+
+
+def test_pruner_repeats_han_rule_on_its_prune_steps():
+    model = _model(2)
+    w = model[2].weight.detach().clone()
+    pruner = pk.Pruner(model, pk.schedules.Iterative(0.9, steps=2, every=1), method="han", scope="threshold")
+    pruner.step()
+    pruner.step()
+    first = ~(w.abs() < w.std(unbiased=False))
+    second = first & ~(w.abs() < w[first].std(unbiased=False))
+    assert torch.equal(pk.masks(model)["2.weight"], second)

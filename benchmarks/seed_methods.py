@@ -74,7 +74,7 @@ def run_seed(seed: int, quick: bool) -> dict[str, tuple[float, float]]:
     m = copy.deepcopy(base)
     pk.prune(m, method="han", scope="threshold")
     han = pk.sparsity(m)
-    out["Han q=1: |w| < q std"] = (acc(m), han)
+    out["Han's rule, q=1"] = (acc(m), han)
     for scope in ("local", "global"):
         m = copy.deepcopy(base)
         pk.prune(m, han, method="magnitude", scope=scope)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from ..modules import eval_mode, matches, split_inputs
 from ..registry import unknown_name_message
 from ._types import TensorInfo, UnsupportedOperationError
-from .context import Op, TraceState
+from .context import Op
+from .trace_state import TraceState
 from .hf import is_transformers_model
 from .hf import prepare as prepare_transformers
 from .rules import module_rule
@@ -179,7 +180,7 @@ class DependencyGraph:
 
     @property
     def calls(self) -> list:
-        """Every module call of the trace (:class:`~prunekit.structured.context.Call`), in order."""
+        """Every module call of the trace (:class:`~prunekit.structured.trace_state.Call`), in order."""
         return self._state.calls
 
     @property

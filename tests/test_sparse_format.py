@@ -292,3 +292,22 @@ def test_physically_pruned_and_masked_model_round_trip(tmp_path):
     pk.load(fresh, path)  # the fresh, wider model is resized from the file's shape records
     assert_same_model(model, fresh)
     assert torch.equal(model(x), fresh(x))
+
+
+def test_a_plain_model_holding_marks_is_stored_compressed_bit_for_bit(tmp_path):
+    from torch import nn
+
+    masked = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    pk.prune(masked, 0.9)
+    plain = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    plain.load_state_dict(masked.state_dict())  # pruned entries arrive as -0.0, no masks
+    with torch.no_grad():
+        plain[0].weight[0, :3] = torch.tensor([0.0, -0.0, 0.0])  # both zeros among the rest
+    path = pk.save(plain, tmp_path / "p.safetensors", format="sparse")
+    assert encodings(path)["0.weight"] in ("bitmask", "csr")
+    assert path.stat().st_size < 0.3 * metrics.model_size(plain)
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    pk.load(fresh, path)
+    for key, value in plain.state_dict().items():
+        got = fresh.state_dict()[key]
+        assert torch.equal(got.view(torch.int32), value.view(torch.int32)), key  # bits, signs of zero included

@@ -22,7 +22,9 @@ Each tensor is stored in whichever of these encodings is smallest:
     a tensor bit-for-bit equal to one stored earlier (tied weights): stored once.
 
 A tensor without a mask but with many exact zeros (a finalized model) is encoded the same way with the
-implicit mask "bits != 0", so ``-0.0`` and every other value come back bit for bit; only tensors with a
+implicit mask "bits != 0" (or "bits != -0.0" when ``-0.0`` is the more frequent zero, as in a pruned
+model's state dict loaded into a plain model; ``"fill": "-0"``), so every value, either zero included,
+comes back bit for bit; only tensors with a
 mask give a mask back. Everything the decoder needs (encoding, shape, dtype, N, M, dimension) is in the
 file's metadata under ``prunekit_sparse`` as JSON; the tensors are stored under ``<name>::<part>``.
 """
@@ -215,7 +217,15 @@ def _encode_one(name: str, value: Tensor, mask: Tensor | None) -> tuple[dict, di
     if mask is None:
         if not value.is_floating_point() or value.numel() < 64:
             return {**info, "encoding": "dense"}, {name: value}
-        kept = _bit_view(value).ne(0)
+        bits = _bit_view(value)
+        negative_zero = _bit_view(torch.tensor([-0.0], dtype=value.dtype))[0]
+        # the zero that is more frequent is left out: +0.0, or -0.0 (a masked model's state dict marks
+        # its pruned entries so, see prunekit.masking); the other one is stored like any value
+        if int((bits == negative_zero).sum()) > int((bits == 0).sum()):
+            info["fill"] = "-0"
+            kept = bits.ne(negative_zero)
+        else:
+            kept = bits.ne(0)
     else:
         kept = mask.to(torch.bool)
     encoding, extra = _choose(value, kept, mask is not None)
@@ -265,7 +275,7 @@ def _decode_one(name: str, info: Mapping, tensors: Mapping[str, Tensor]) -> tupl
         return value.reshape(moved).movedim(-1, dim).contiguous(), kept.contiguous()
     else:
         raise ValueError(f"{name}: unknown encoding {encoding!r} in the file (known: {', '.join(ENCODINGS)})")
-    value = torch.zeros(numel, dtype=dtype)
+    value = torch.full((numel,), -0.0 if info.get("fill") == "-0" else 0.0, dtype=dtype)
     value[kept.reshape(-1)] = tensors[key + "values"]
     return value.reshape(shape), kept
 

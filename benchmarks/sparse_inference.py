@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     text = "\n".join(md)
     print(text)
     if not args.no_save:
-        data = {"settings": settings, "linear": linear_rows, "conv": conv_rows, "outputs_match": ok}
+        data = {"kind": "prunekit.sparse_inference", "settings": settings, "linear": linear_rows, "conv": conv_rows,
+                "outputs_match": ok}
         save_results(args.out, "sparse_inference", text, data)
     return 0 if ok else 1
 

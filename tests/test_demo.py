@@ -56,6 +56,7 @@ def test_results_json_has_every_run(quick):
     assert saved["dense"]["params"] == 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
     assert saved["settings"]["sparsities"] == list(config.sparsities)
     assert saved["settings"]["seed"] == 0
+    assert saved["kind"] == "prunekit.demo"  # how `prunekit report` recognises it
 
 
 def test_magnitude_beats_random_at_90_percent(quick):

@@ -67,6 +67,7 @@ def test_valid_recipe_runs_and_the_saved_model_loads(tmp_path):
     assert saved["pruned_accuracy"] is not None and saved["after"]["accuracy"] > 0.5
     assert saved["after"]["compression_ratio"] > 4.0
     assert saved["settings"]["prune"]["method"] == "magnitude"
+    assert saved["kind"] == "prunekit.recipe"
     assert len(saved["history"]) == 1
 
     fresh = LeNet300100(num_classes=10)

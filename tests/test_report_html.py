@@ -108,6 +108,12 @@ def test_results_files_are_recognised_or_rejected(tmp_path):
     assert report.result_kind({"before": {}, "after": {}}) == "recipe"
     assert report.result_kind(BENCHMARK) == "sparse_inference"
     assert report.result_kind({"kind": "prunekit.sensitivity"}) == "sensitivity"
+    # the kind field decides, whatever other keys the file has; files from before it existed still load
+    assert report.result_kind({"kind": "prunekit.recipe", "rows": [], "dense": {}}) == "recipe"
+    assert report.result_kind({"kind": "prunekit.demo"}) == "demo"
+    assert report.result_kind({"kind": "prunekit.speed_size"}) == "speed_size"
+    with pytest.raises(ValueError, match="unknown results kind 'prunekit.nothing'"):
+        report.result_kind({"kind": "prunekit.nothing", "rows": [], "dense": {}})
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
     with pytest.raises(ValueError, match="bad.json: not a prunekit results file"):

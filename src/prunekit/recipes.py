@@ -1,4 +1,6 @@
-"""YAML recipes: one file says what to prune, how, and what to write; ``prunekit prune recipe.yaml`` runs it.
+"""YAML recipes: their schema and every check, made before anything runs (:mod:`prunekit.recipe_run` runs them).
+
+One file says what to prune, how, and what to write; ``prunekit prune recipe.yaml`` runs it.
 
 Schema (every section and key, with its default; keys use the Python API's names)::
 

@@ -1,5 +1,4 @@
-"""``prunekit report``: one HTML report from results files and what a model gives, each part built by
-the module that produced it.
+"""``prunekit report``: one HTML page from results files and a model, each part built by its producer.
 
 It sits above the producers: a results file names its producer in its ``kind`` field
 (``"prunekit.demo"``, ``"prunekit.recipe"``, ``"prunekit.sensitivity"``, ``"prunekit.sparse_inference"``,

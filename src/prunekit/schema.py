@@ -1,5 +1,6 @@
-"""Plain data (parsed YAML or JSON) checked against a dataclass's type hints, every message naming the
-key path (``prune.sparsity``) and what was expected.
+"""Plain data (parsed YAML or JSON) checked against a dataclass's type hints, with clear messages.
+
+Every message names the key path (``prune.sparsity``) and what was expected.
 
 :func:`build_section` turns a mapping into the dataclass, converting what is safe to convert (an
 integer where a number is expected, a single string where a list is), and raises the caller's error

@@ -1,5 +1,4 @@
-"""Sensitivity analysis: how much does each layer alone tolerate being pruned? And where should the
-budget go?
+"""Sensitivity analysis: how much pruning each layer tolerates alone, and where the budget should go.
 
 :func:`sensitivity` (``pk.sensitivity``) prunes each target layer *alone* at each sparsity of a grid, on
 a copy of the model, and records a metric (Han et al., "Learning both Weights and Connections for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -48,6 +49,22 @@ def attach_masks(model: nn.Module, masks: Mapping[str, Tensor], targets: list[Ta
         masks = distributed.broadcast_masks(masks)
     owners = {t.name: t.owners for t in targets}
     return {name: masking.attach(model, name, m, owners=owners.get(name)) for name, m in masks.items()}
+
+
+def replace_with_masks(
+    model: nn.Module, targets: list[Target], parametrizations: Mapping[str, nn.Module], keep: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Take each target's extra parametrization off and attach the prunekit masks ``keep`` in its place
+    (pruned weights then stay at zero). Returns the masks attached."""
+    for target in targets:
+        detach_parametrization(target, parametrizations[target.name])
+    with torch.no_grad():
+        return attach_masks(model, keep, targets)
+
+
+def masks_sparsity(keep: Mapping[str, Tensor]) -> float:
+    """Fraction of the entries that the keep-masks remove, all masks together."""
+    return 1.0 - sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
 
 
 def check_supported(target: Target, kinds: tuple[type[nn.Module], ...], what: str) -> None:

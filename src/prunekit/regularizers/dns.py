@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..distributed import unwrap
 from ..targets import Target, resolve_targets
-from ._wrap import attach_masks, attach_parametrization, detach_parametrization
+from ._wrap import attach_parametrization, masks_sparsity, replace_with_masks
 
 __all__ = ["DynamicNetworkSurgery", "surgery_thresholds"]
 
@@ -120,16 +120,13 @@ class DynamicNetworkSurgery:
         return {name: m.mask.bool().clone() for name, m in self.masks.items()}
 
     def sparsity(self) -> float:
-        keep = self.binary_masks()
-        return 1.0 - sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
+        return masks_sparsity(self.binary_masks())
 
     def to_masks(self) -> dict[str, Tensor]:
         """End surgery: the current masks become prunekit masks (pruned weights then stay at zero)."""
         if not self._attached:
             raise RuntimeError("surgery has already ended")
         keep = self.binary_masks()
-        for t in self.targets:
-            detach_parametrization(t, self.masks[t.name])
+        masks = replace_with_masks(self.model, self.targets, self.masks, keep)
         self._attached = False
-        with torch.no_grad():
-            return attach_masks(self.model, keep, self.targets)
+        return masks

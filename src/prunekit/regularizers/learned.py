@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..distributed import unwrap
 from ..schedules import Schedule
 from ..targets import Target, resolve_targets
-from ._wrap import attach_masks, attach_parametrization, detach_parametrization
+from ._wrap import attach_parametrization, masks_sparsity, replace_with_masks
 
 __all__ = ["LearnedMasks", "TopKBinarizer", "ThresholdBinarizer", "MODES"]
 
@@ -165,19 +165,16 @@ class LearnedMasks:
             return {name: m.binary().bool() for name, m in self.masks.items()}
 
     def sparsity(self) -> float:
-        keep = self.binary_masks()
-        return 1.0 - sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
+        return masks_sparsity(self.binary_masks())
 
     def to_masks(self) -> dict[str, Tensor]:
         """Replace the scores by prunekit masks of the current binarisation. Returns the masks."""
         if not self._attached:
             raise RuntimeError("the learned masks were already removed")
         keep = self.binary_masks()
-        for target in self.targets:
-            detach_parametrization(target, self.masks[target.name])
+        masks = replace_with_masks(self.model, self.targets, self.masks, keep)
         self._attached = False
-        with torch.no_grad():
-            return attach_masks(self.model, keep, self.targets)
+        return masks
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "density": self.density, "threshold": self.threshold}

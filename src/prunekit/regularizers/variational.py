@@ -36,6 +36,7 @@ from ._wrap import (
     attach_parametrization,
     check_supported,
     detach_parametrization,
+    masks_sparsity,
 )
 
 __all__ = ["SparseVD", "kl_approximation", "K1", "K2", "K3", "THRESHOLD"]
@@ -151,8 +152,7 @@ class SparseVD:
 
     def sparsity(self) -> float:
         """Fraction of the targets' weights that evaluation zeroes (log alpha >= threshold)."""
-        keep = self.keep_masks()
-        return 1.0 - sum(int(k.sum()) for k in keep.values()) / sum(k.numel() for k in keep.values())
+        return masks_sparsity(self.keep_masks())
 
     def to_masks(self) -> dict[str, Tensor]:
         """Mask every weight with log alpha >= threshold and remove the variational parametrization and

@@ -29,6 +29,7 @@ from ..registry import unknown_name_message
 from ..statistics import LossFn, batch_loss, move_to
 from .graph import FxTracer
 from .statistics import split_batch
+from .undo import all_or_nothing
 
 __all__ = ["RemovedBlock", "residual_blocks", "block_scores", "remove_blocks", "BLOCK_METHODS"]
 
@@ -173,6 +174,7 @@ def remove_blocks(
         data = [kwargs] if kwargs else [args[0] if len(args) == 1 else (args, None)]
     scores = block_scores(model, candidates, data, method, loss_fn, max_batches)
     chosen = sorted(candidates, key=lambda b: (scores[b], candidates.index(b)))[:count]
-    for b in chosen:
-        replace_module(model, b, RemovedBlock())
+    with all_or_nothing(model):
+        for b in chosen:
+            replace_module(model, b, RemovedBlock())
     return {b: scores[b] for b in chosen}

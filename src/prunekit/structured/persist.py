@@ -21,6 +21,7 @@ from ..modules import replace_module
 from .blocks import RemovedBlock
 from .rules import shape_rule
 from .surgery import RESIZED_ATTR, Sizes
+from .undo import all_or_nothing
 
 __all__ = ["STRUCTURE_KEY", "structure_metadata", "Structure"]
 
@@ -134,31 +135,32 @@ class Structure:
         problems = self.check(model)
         if problems:
             raise ValueError("the saved structure does not fit this model: " + "; ".join(problems[:10]))
-        for name in self.removed:
-            if not isinstance(model.get_submodule(name), RemovedBlock):
-                replace_module(model, name, RemovedBlock())
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for name, rec in self.modules.items():
-                module = modules.get(name)
-                if module is None:
-                    continue
-                own = _own_tensors(module)
-                for t, shape in rec["tensors"].items():
-                    tensor = own[t]
-                    if tuple(tensor.shape) != tuple(shape):
-                        tensor.data = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
-                        if isinstance(tensor, nn.Parameter):
-                            tensor.grad = None
-                    if parametrize.is_parametrized(module, t):
-                        for p in module.parametrizations[t]:
-                            if hasattr(p, "mask") and tuple(p.mask.shape) != tuple(shape):
-                                p.mask.data = torch.ones(shape, dtype=torch.bool, device=p.mask.device)
-                for attr, value in rec["attributes"].items():
-                    setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-                setattr(module, RESIZED_ATTR, True)
-            for name in self.modules:  # after every tensor has its shape: a layer may read its children's
-                module = modules.get(name)
-                rule = shape_rule(module) if module is not None else None
-                if rule is not None and rule.resize is not None:
-                    rule.resize(module, Sizes(None))
+        with all_or_nothing(model):  # a structure that fails half-way leaves the model as it was
+            for name in self.removed:
+                if not isinstance(model.get_submodule(name), RemovedBlock):
+                    replace_module(model, name, RemovedBlock())
+            modules = dict(model.named_modules())
+            with torch.no_grad():
+                for name, rec in self.modules.items():
+                    module = modules.get(name)
+                    if module is None:
+                        continue
+                    own = _own_tensors(module)
+                    for t, shape in rec["tensors"].items():
+                        tensor = own[t]
+                        if tuple(tensor.shape) != tuple(shape):
+                            tensor.data = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+                            if isinstance(tensor, nn.Parameter):
+                                tensor.grad = None
+                        if parametrize.is_parametrized(module, t):
+                            for p in module.parametrizations[t]:
+                                if hasattr(p, "mask") and tuple(p.mask.shape) != tuple(shape):
+                                    p.mask.data = torch.ones(shape, dtype=torch.bool, device=p.mask.device)
+                    for attr, value in rec["attributes"].items():
+                        setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+                    setattr(module, RESIZED_ATTR, True)
+                for name in self.modules:  # after every tensor has its shape: a layer may read its children's
+                    module = modules.get(name)
+                    rule = shape_rule(module) if module is not None else None
+                    if rule is not None and rule.resize is not None:
+                        rule.resize(module, Sizes(None))

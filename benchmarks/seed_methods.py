@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whatever is installed
 
 import prunekit as pk  # noqa: E402
+from measuring import save_results  # noqa: E402
 from prunekit.allocation import flops_cost, greedy_allocation, layer_flops  # noqa: E402
 from prunekit.criteria.obs import OBS  # noqa: E402
 from prunekit.data import digits, evaluate, loaders, train  # noqa: E402
@@ -173,11 +173,8 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_save:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "seed_methods.md").write_text(table)
-        (args.out / "seed_methods.json").write_text(json.dumps(
-            {"seeds": args.seeds, "quick": args.quick, "rows": {k: [list(v) for v in vs] for k, vs in rows.items()}},
-            indent=1))
+        save_results(args.out, "seed_methods", table,
+                     {"seeds": args.seeds, "quick": args.quick, "rows": {k: [list(v) for v in vs] for k, vs in rows.items()}})
 
 
 if __name__ == "__main__":

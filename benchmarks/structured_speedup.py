@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Structured pruning makes models faster: measured latency beside the theoretical speedup from FLOPs.
 
-For each built-in model (VGG-11 and ResNet-20 by default, 32x32 inputs) and each ratio of channels
-removed (25%, 50%, 75%: ``pk.structured.prune(model, x, ratio, method="l1", scope="local")``), in one
-process and one thread:
+For each built-in model (VGG-11 and ResNet-20 by default, 32x32 inputs, batches 32 and 1), each
+Hugging Face transformer (a BERT-base-sized ``BertForSequenceClassification``, 64 tokens, and a
+ViT-small-sized ``ViTForImageClassification``, 224x224; random weights, batches 8 and 1; MLP width and
+attention heads pruned) and each ratio of channels removed (25%, 50%, 75%:
+``pk.structured.prune(model, x, ratio, method="l1", scope="local")``), in one process and one thread:
 
 * **theoretical speedup** = dense FLOPs / pruned FLOPs (``prunekit.metrics.flops``: convolutions,
   linear layers and matrix products, 2 FLOPs per multiply-add);
@@ -15,6 +17,10 @@ process and one thread:
     .venv/bin/python benchmarks/structured_speedup.py                       # full run, ~2 minutes
     .venv/bin/python benchmarks/structured_speedup.py --models resnet20 --ratios 0.5 --batches 1 \
         --repeats 2 --out /tmp/x                                           # smoke run
+
+``--round-to 8 auto`` adds rows for built-in models pruned with ``round_to`` (``auto``: the CPU's float32
+vector width, ``pk.structured.vector_round_to()``), to measure whether whole vectors close the gap of
+narrow convolutions.
 
 Results go to ``benchmarks/results/structured_speedup.{md,json}``. The exit status is 1 when a pruned
 model's output shape differs from the dense one's or it does not shrink.
@@ -40,9 +46,34 @@ from prunekit.models import get_model
 from measuring import save_results
 
 TARGET_EFFICIENCY = 0.8  # measured / theoretical at batch 32 and 50%
+TRANSFORMERS = ("bert-base", "vit-small")
 
 
-def median_latency(models: list, x: torch.Tensor, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+def build(name: str, size: int, seq: int):
+    """``(model, inputs(batch))`` of a built-in model or a random-weight transformer."""
+    if name not in TRANSFORMERS:
+        return get_model(name).eval(), lambda batch: torch.randn(batch, 3, size, size)
+    import transformers as tf
+
+    if name == "bert-base":  # bert-base-uncased's shapes
+        config = tf.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                               num_labels=2)
+        return tf.BertForSequenceClassification(config).eval(), lambda batch: {
+            "input_ids": torch.randint(0, config.vocab_size, (batch, seq))}
+    config = tf.ViTConfig(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12,  # ViT-S/16
+                          num_attention_heads=6, intermediate_size=1536, num_labels=1000)
+    return tf.ViTForImageClassification(config).eval(), lambda batch: {"pixel_values": torch.randn(batch, 3, 224, 224)}
+
+
+def call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def output_shape(out) -> tuple:
+    return tuple((out.logits if hasattr(out, "logits") else out).shape)
+
+
+def median_latency(models: list, x, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
     """Median wall-clock seconds and median CPU seconds (this thread's) per forward pass of each model,
     timed in alternating rounds. With one thread, CPU time excludes the time spent waiting while other
     processes hold the core."""
@@ -52,11 +83,11 @@ def median_latency(models: list, x: torch.Tensor, repeats: int, warmup: int) -> 
         for model in models:
             model.eval()
             for _ in range(warmup):
-                model(x)
+                call(model, x)
         for _ in range(repeats):
             for i, model in enumerate(models):
                 start, start_cpu = time.perf_counter(), time.thread_time()
-                model(x)
+                call(model, x)
                 cpu[i].append(time.thread_time() - start_cpu)
                 wall[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
@@ -118,26 +149,33 @@ def run(args: argparse.Namespace) -> dict:
     breakdowns = {}
     for name in args.models:
         torch.manual_seed(0)
-        dense = get_model(name).eval()
-        example = torch.randn(1, 3, args.size, args.size)
+        hf = name in TRANSFORMERS
+        dense, inputs = build(name, args.size, args.seq)
+        example = inputs(1)
+        variants = [(ratio, None) for ratio in args.ratios]
+        if not hf:
+            variants += [(ratio, r) for r in args.round_to for ratio in args.ratios]
         pruned_models = {}
-        for ratio in args.ratios:
+        for ratio, round_to in variants:
             model = copy.deepcopy(dense)
-            report = pk.structured.prune(model, example, ratio, method="l1", scope="local")
-            pruned_models[ratio] = (model, report)
+            round_to = None if round_to is None else (round_to if round_to == "auto" else int(round_to))
+            report = pk.structured.prune(model, example, ratio, method="l1", scope="local", round_to=round_to)
+            pruned_models[(ratio, round_to)] = (model, report)
         dense_flops = pk.metrics.flops(dense, example)[0]
-        for batch in args.batches:
-            x = torch.randn(batch, 3, args.size, args.size)
+        repeats, warmup = (args.hf_repeats, 1) if hf else (args.repeats, args.warmup)
+        for batch in (args.hf_batches if hf else args.batches):
+            x = inputs(batch)
             with torch.inference_mode():
-                reference_shape = dense(x).shape
-            models = [dense] + [pruned_models[r][0] for r in args.ratios]
-            latencies, cpu_times = median_latency(models, x, args.repeats, args.warmup)
-            if batch == 32 and 0.5 in pruned_models and not args.no_breakdown:
-                breakdowns[name] = layer_breakdown(dense, pruned_models[0.5][0], x, max(3, args.repeats // 2))
-            for ratio, latency, cpu_time in zip(args.ratios, latencies[1:], cpu_times[1:]):
-                model, report = pruned_models[ratio]
+                reference_shape = output_shape(call(dense, x))
+            keys = list(pruned_models)
+            models = [dense] + [pruned_models[k][0] for k in keys]
+            latencies, cpu_times = median_latency(models, x, repeats, warmup)
+            if batch == 32 and (0.5, None) in pruned_models and not args.no_breakdown and not hf:
+                breakdowns[name] = layer_breakdown(dense, pruned_models[(0.5, None)][0], x, max(3, args.repeats // 2))
+            for (ratio, round_to), latency, cpu_time in zip(keys, latencies[1:], cpu_times[1:]):
+                model, report = pruned_models[(ratio, round_to)]
                 with torch.inference_mode():
-                    shape = model(x).shape
+                    shape = output_shape(call(model, x))
                 if shape != reference_shape or report.params_after >= report.params_before:
                     failures.append(f"{name} ratio {ratio}: output {tuple(shape)} vs {tuple(reference_shape)}")
                 flops = pk.metrics.flops(model, example)[0]
@@ -146,6 +184,7 @@ def run(args: argparse.Namespace) -> dict:
                 measured_cpu = cpu_times[0] / cpu_time
                 rows.append({
                     "model": name, "batch": batch, "ratio": ratio,
+                    "round_to": pk.structured.vector_round_to() if round_to == "auto" else round_to,
                     "channels_removed": round(report.channel_fraction, 4),
                     "params_dense": report.params_before, "params_pruned": report.params_after,
                     "flops_dense_per_image": dense_flops, "flops_pruned_per_image": flops,
@@ -155,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
                     "measured_cpu_speedup": measured_cpu,
                     "efficiency": measured / theoretical, "cpu_efficiency": measured_cpu / theoretical,
                 })
-                print(f"{name:9s} batch {batch:3d} ratio {ratio:.2f}: theoretical {theoretical:5.2f}x, wall "
+                print(f"{name:9s} batch {batch:3d} ratio {ratio:.2f} round_to {round_to}: theoretical {theoretical:5.2f}x, wall "
                       f"{measured:5.2f}x ({latencies[0] * 1e3:7.2f} -> {latency * 1e3:7.2f} ms), cpu {measured_cpu:5.2f}x "
                       f"({cpu_times[0] * 1e3:7.2f} -> {cpu_time * 1e3:7.2f} ms), efficiency {measured / theoretical:.2f} "
                       f"/ {measured_cpu / theoretical:.2f}", flush=True)
@@ -165,7 +204,10 @@ def run(args: argparse.Namespace) -> dict:
         "failures": failures,
         "settings": {"models": args.models, "ratios": args.ratios, "batches": args.batches, "size": args.size,
                      "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-                     "method": "l1", "scope": "local"},
+                     "method": "l1", "scope": "local", "round_to": args.round_to, "seq": args.seq,
+                     "hf_batches": args.hf_batches, "hf_repeats": args.hf_repeats,
+                     "vector_round_to": pk.structured.vector_round_to(),
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "processor": platform.processor() or platform.machine()},
     }
@@ -175,20 +217,21 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
         "<!-- benchmark:structured_speedup -->",
-        "| model | batch | channels removed | params | FLOPs / image | theoretical | measured | efficiency |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | batch | channels removed | round_to | params | FLOPs / input | theoretical | measured | efficiency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         eff = f"{r['efficiency']:.2f}"
-        if r["batch"] == 32 and abs(r["ratio"] - 0.5) < 1e-9:
+        if r["batch"] == 32 and abs(r["ratio"] - 0.5) < 1e-9 and r.get("round_to") is None:
             eff = f"**{eff}**"
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['channels_removed']:.0%} | "
+            f"| {r['model']} | {r['batch']} | {r['channels_removed']:.0%} | {r.get('round_to') or '–'} | "
             f"{r['params_dense'] / 1e6:.2f}M → {r['params_pruned'] / 1e6:.2f}M | "
             f"{r['flops_dense_per_image'] / 1e6:.0f}M → {r['flops_pruned_per_image'] / 1e6:.0f}M | "
             f"{r['theoretical_speedup']:.2f}× | {r['measured_speedup']:.2f}× | {eff} |"
         )
-    checks = [r for r in result["rows"] if r["batch"] == 32 and abs(r["ratio"] - 0.5) < 1e-9]
+    checks = [r for r in result["rows"]
+              if r["batch"] == 32 and abs(r["ratio"] - 0.5) < 1e-9 and r.get("round_to") is None]
     if checks:
         verdict = ", ".join(f"{r['model']} {r['efficiency']:.2f}" for r in checks)
         ok = all(r["efficiency"] >= TARGET_EFFICIENCY for r in checks)
@@ -212,6 +255,12 @@ def markdown(result: dict) -> str:
                  f"{s['threads']} thread, median of {s['repeats']} forward passes after {s['warmup']} warm-up, dense "
                  f"and pruned timed in alternating rounds in one process; torch {result['environment']['torch']}, "
                  f"{result['environment']['processor']}.")
+    if any(m in TRANSFORMERS for m in s["models"]):
+        lines.append(f"Transformers: random weights, bert-base = BERT-base shapes ({s.get('seq')} tokens), vit-small = "
+                     f"ViT-S/16 (224x224); MLP width and attention heads pruned, hidden width kept; median of "
+                     f"{s.get('hf_repeats')} passes.")
+    if s.get("round_to"):
+        lines.append(f"round_to `auto` = {s.get('vector_round_to')} float32 lanes ({s.get('cpu_capability')}).")
     return "\n".join(lines) + "\n"
 
 
@@ -220,6 +269,10 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["vgg11", "resnet20"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 1])
+    parser.add_argument("--hf-batches", nargs="+", type=int, default=[8, 1], help="batches of the transformers")
+    parser.add_argument("--hf-repeats", type=int, default=5, help="timed passes of the transformers")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence (bert-base)")
+    parser.add_argument("--round-to", nargs="*", default=[], help="extra rows with round_to (integers or 'auto')")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)

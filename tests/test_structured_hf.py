@@ -235,3 +235,35 @@ def test_hidden_width_of_rms_norm_and_vision_models_runs_and_reloads(name, tmp_p
     assert _logits(model, x).shape == _logits(plain, x).shape
     model.save_pretrained(tmp_path)
     torch.testing.assert_close(_logits(load_pretrained(tmp_path), x), _logits(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_readme_hugging_face_example_runs_as_written(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Prune a Hugging Face model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) == 5
+    lines = code.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile("\n".join(lines[:4]), "README.md", "exec"), scope)  # build, prune, save
+    saved = scope["model"]
+    x = {"input_ids": torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))}
+    exec(compile(lines[4], "README.md", "exec"), scope)  # reload
+    model = scope["model"]
+    assert model is not saved and model.config.intermediate_size == 358  # 512 - 30%
+    assert model.bert.encoder.layer[0].attention.self.num_attention_heads == 3
+    torch.testing.assert_close(_logits(model, x), _logits(saved.eval(), x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_pk_save_and_load_into_a_fresh_model(name, tmp_path):
+    model, x = _build(name)
+    pk.structured.prune(model, x, 0.3)
+    pk.save(model, tmp_path / "pruned.safetensors")
+    fresh, _ = _build(name)
+    pk.load(fresh, tmp_path / "pruned.safetensors")
+    torch.testing.assert_close(_logits(fresh, x), _logits(model, x), rtol=0, atol=0)

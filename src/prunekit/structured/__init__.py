@@ -16,6 +16,7 @@ from .api import (
     remove,
     remove_dead,
     select_channels,
+    vector_round_to,
 )
 from .blocks import RemovedBlock, block_scores, remove_blocks, residual_blocks
 from .criteria import GROUP_CRITERIA, GroupCriterion, get_group_criterion
@@ -38,6 +39,7 @@ __all__ = [
     "channel_masks",
     "PrunedMultiheadAttention",
     "load_pretrained",
+    "vector_round_to",
     "StructuredOptions",
     "prune",
     "remove",

@@ -42,6 +42,7 @@ __all__ = [
     "SCOPES",
     "StructuredOptions",
     "check_round_to",
+    "vector_round_to",
 ]
 
 SCOPES = ("local", "global")
@@ -111,12 +112,21 @@ def _count(model: nn.Module) -> int:
                    for n, t in masking.named_effective_tensors(model))
 
 
+def vector_round_to() -> int:
+    """Float32 lanes of this CPU's widest vector unit that torch uses (16 with AVX-512, 8 with AVX2, else
+    4): the ``round_to`` that ``"auto"`` means, so that kept channel counts fill whole vectors."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    return 16 if "AVX512" in capability else 8 if "AVX2" in capability else 4
+
+
 def check_round_to(round_to) -> int | None:
-    """``round_to`` validated: None or a positive integer."""
+    """``round_to`` validated: None, a positive integer, or ``"auto"`` (:func:`vector_round_to`)."""
     if round_to is None:
         return None
+    if round_to == "auto":
+        return vector_round_to()
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        raise ValueError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
     return round_to
 
 
@@ -157,7 +167,7 @@ def select_channels(
     ratio: float | Mapping[str, float],
     scope: str = "local",
     *,
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     min_channels: int = 1,
     already: Sequence[Tensor] | None = None,
 ) -> dict[int, Tensor]:
@@ -327,7 +337,8 @@ class StructuredOptions:
         scope: ``"local"`` (the same ratio in every group) or ``"global"`` (one ranking over all
             groups, scores normalised by their group's mean).
         exclude: module names or globs whose parameters keep their shape.
-        round_to: keep channel counts multiples of this (8, 16 for fast kernels).
+        round_to: keep channel counts multiples of this (8, 16 for fast kernels; ``"auto"``: the CPU's
+            float32 vector width, see :func:`vector_round_to`).
         min_channels: no group keeps fewer channels than this (at least 1: a group never empties).
         data, loss_fn, max_batches: calibration batches for data-driven methods.
         seed: seed of the ``random`` method.
@@ -340,7 +351,7 @@ class StructuredOptions:
     method: str | GroupCriterion = "l1"
     scope: str = "local"
     exclude: Iterable[str] | str = ()
-    round_to: int | None = None
+    round_to: int | str | None = None
     min_channels: int = 1
     data: Iterable | None = None
     loss_fn: LossFn | None = None

@@ -21,7 +21,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.models import resnet8
-from prunekit.structured import DependencyGraph, PrunedMultiheadAttention
+from prunekit.structured import DependencyGraph, PrunedMultiheadAttention, UnsupportedOperationError
 from prunekit.structured.rules import base as rules_base
 from prunekit.structured.rules import module_rule, shape_rule
 
@@ -61,6 +61,9 @@ def test_standardised_convolutions_and_channels_first_norm_are_traced_into():
     assert [g.name for g in norm.groups()] == []
     _, removal, before, after = check_equivalence(StandardisedNet(), x)
     assert len(removal) == 3 and after < before
+    # kept whole, a subclass with its own forward is refused by name, never matched to nn.Conv2d's rule
+    with pytest.raises(UnsupportedOperationError, match="no rule for module 'ws'.*register a rule for StdConv2d"):
+        DependencyGraph(StandardisedNet(), x, leaf_modules=[StdConv2d])
 
 
 def test_standardised_model_prunes_end_to_end_and_resizes_attributes():

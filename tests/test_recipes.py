@@ -281,3 +281,11 @@ def test_an_output_folder_with_other_files_is_not_replaced(tmp_path):
     with pytest.raises(ValueError, match="not a prunekit output"):
         run_recipe(write(tmp_path, QUICK))
     assert (tmp_path / "out" / "thesis.tex").read_text() == "years of work"
+
+
+def test_an_output_folder_holding_the_recipe_is_not_replaced(tmp_path):
+    (tmp_path / "results.json").write_text("{}")  # it even looks like an earlier output
+    path = write(tmp_path, dict(QUICK, output={"dir": "."}))
+    with pytest.raises(ValueError, match="holds .*recipe.yaml"):
+        run_recipe(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "results.json"]

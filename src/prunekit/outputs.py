@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .fileio import atomic_folder, ensure_writable, folder_lock
@@ -27,18 +27,20 @@ __all__ = ["RunOutput", "check_output_folder", "OUTPUT_FILES"]
 OUTPUT_FILES = ("results.json", "report.html")
 
 
-def check_output_folder(out: str | os.PathLike, option: str = "--out") -> Path:
-    """Check, before any work, that ``out`` can be written and replaced as a whole: it is not a file,
-    not the current folder or one above it, and, when it exists with files in it, it is an earlier
-    prunekit output (holding ``results.json`` or ``report.html``). Creates its parent folder; raises
-    ``ValueError`` (naming ``option``) or a one-line ``OSError``."""
+def check_output_folder(out: str | os.PathLike, option: str = "--out", keep: Iterable[str | os.PathLike] = ()) -> Path:
+    """Check, before any work, that ``out`` can be written and replaced as a whole: it is not a file or
+    a link, holds neither the current folder nor any of the files ``keep`` (the recipe being run), and,
+    when it exists with files in it, it is an earlier prunekit output (holding ``results.json`` or
+    ``report.html``). Creates its parent folder; raises ``ValueError`` (naming ``option``) or a one-line
+    ``OSError``."""
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"{option}: {out} exists and is not a folder")
     resolved = out.resolve()
-    if Path.cwd().resolve().is_relative_to(resolved):
-        raise ValueError(f"{option}: {out} is the current folder or holds it; the output folder is replaced as a "
-                         "whole, so choose a folder of its own")
+    for inside in (Path.cwd(), *(Path(p) for p in keep)):
+        if inside.resolve().is_relative_to(resolved):
+            raise ValueError(f"{option}: {out} holds {inside}; the output folder is replaced as a whole, so choose "
+                             "a folder of its own")
     if out.is_dir() and any(out.iterdir()) and not any((out / name).is_file() for name in OUTPUT_FILES):
         raise ValueError(f"{option}: {out} holds files that are not a prunekit output; the output folder is replaced "
                          "as a whole (which would delete them), so choose a new or empty folder")
@@ -50,8 +52,8 @@ class RunOutput:
     """The output folder of one run: :func:`check_output_folder` and its lock on entry (a second run
     into the same folder raises :class:`prunekit.fileio.FolderInUse`), :meth:`replacing` to write."""
 
-    def __init__(self, out: str | os.PathLike, option: str = "--out") -> None:
-        self.path = check_output_folder(out, option)
+    def __init__(self, out: str | os.PathLike, option: str = "--out", keep: Iterable[str | os.PathLike] = ()) -> None:
+        self.path = check_output_folder(out, option, keep)
         self._lock: contextlib.AbstractContextManager | None = None
 
     def __enter__(self) -> RunOutput:

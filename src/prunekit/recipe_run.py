@@ -61,7 +61,8 @@ def run_recipe(
         torch.set_num_threads(prepared.recipe.threads)
     try:
         # writable, and locked for this run (a second run into it refuses) before the work starts
-        with RunOutput(prepared.out_dir, option) as output:
+        keep = [prepared.recipe.source] if prepared.recipe.source is not None else []
+        with RunOutput(prepared.out_dir, option, keep) as output:
             return _run(prepared, output, console or Console(stderr=True), latency_repeats, start)
     finally:
         torch.set_num_threads(previous_threads)

@@ -66,14 +66,17 @@ def test_standardised_convolutions_and_channels_first_norm_are_traced_into():
         DependencyGraph(StandardisedNet(), x, leaf_modules=[StdConv2d])
 
 
-def test_standardised_model_prunes_end_to_end_and_resizes_attributes():
+def test_standardised_model_prunes_end_to_end_resizes_attributes_and_reloads(tmp_path):
     model = StandardisedNet().eval()
     x = torch.randn(2, 3, 6, 6)
     report = pk.structured.prune(model, x, 0.5)
     assert report.params_after < report.params_before
     assert model.ws.out_channels == model.ws.weight.shape[0] == 6
     assert model.gained.gain.shape == (4, 1, 1, 1) and model.mid2.in_channels == 4
-    assert model(x).shape == (2, 3)
+    pk.save(model, tmp_path / "model.safetensors")
+    fresh = StandardisedNet().eval()
+    pk.load(fresh, tmp_path / "model.safetensors")
+    assert fresh.ws.out_channels == 6 and torch.equal(fresh(x), model(x))
 
 
 def test_a_bias_concatenated_in_forward_is_never_pruned_on_its_own():

@@ -1,8 +1,8 @@
 """Render what it is given as tables, HTML pages and JSON: the leaf every report is built from.
 
-It imports nothing from prunekit above it (only :mod:`prunekit.plots` for the page's shared plots), so
-every producer (the demo, recipes, a sensitivity analysis, ``prunekit report``) can build its sections
-with it.
+It imports only other leaves (the formatters of ``_format``, :mod:`prunekit.fileio` for atomic writes,
+:mod:`prunekit.plots` for the page's shared plots), so every producer (the demo, recipes, a sensitivity
+analysis, ``prunekit report``) can build its sections with it.
 
 * :func:`print_table`: rows of dicts as a ``rich`` table, numbers right-aligned and formatted.
 * :func:`headline_html`, :func:`image_html`, :func:`table_html`, :func:`settings_html`: the bodies of a

@@ -57,6 +57,12 @@ MODELS = {
 SLOW = {"mobilenetv2"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _transformers_loaded():
+    """Import transformers' model code once (about 10 s the first time), outside the tests' own time."""
+    MODELS["bert"][0]()
+
+
 def _build(name: str):
     make, inputs = MODELS[name]
     torch.manual_seed(0)
@@ -237,7 +243,6 @@ def test_hidden_width_of_rms_norm_and_vision_models_runs_and_reloads(name, tmp_p
     torch.testing.assert_close(_logits(load_pretrained(tmp_path), x), _logits(model, x), rtol=0, atol=0)
 
 
-@pytest.mark.slow
 def test_readme_hugging_face_example_runs_as_written(tmp_path, monkeypatch):
     import re
     from pathlib import Path

@@ -132,3 +132,43 @@ def test_obs_from_a_recipe(tmp_path):
                       "train: {epochs: 1}\noutput: {report: false, save: false}\n")
     results = run_recipe(recipe, out_dir=tmp_path / "out")
     assert abs(results["after"]["sparsity"] - 0.5) < 0.01
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        g = torch.Generator().manual_seed(rank)  # each rank its own shard
+        shard = [(torch.randn(20, 6, generator=g), torch.zeros(20, dtype=torch.long))]
+        pk.prune(DDP(model), 0.5, method=OBS(rounds=2), scope="local", data=shard)
+        torch.save({n: p.detach().clone() for n, p in model.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_obs_under_ddp_uses_every_ranks_inputs(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    both = []
+    for rank in range(2):
+        g = torch.Generator().manual_seed(rank)
+        both.append((torch.randn(20, 6, generator=g), torch.zeros(20, dtype=torch.long)))
+    pk.prune(model, 0.5, method=OBS(rounds=2), scope="local", data=both)  # one process, both shards
+    for key, value in model.state_dict().items():
+        assert torch.equal(results[0][key], results[1][key]), key
+        torch.testing.assert_close(results[0][key], value, rtol=1e-5, atol=1e-6)

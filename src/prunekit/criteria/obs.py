@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from ..statistics import TargetStatistics, move_to
 from ..targets import Target
 from .base import CRITERIA, Criterion
@@ -94,7 +95,8 @@ def _forward(model: nn.Module, batch, device: torch.device) -> None:
 def input_hessians(model: nn.Module, targets: Sequence[Target], data: Iterable, max_batches: int | None = None
                    ) -> dict[str, Tensor]:
     """``{target name: 2 X X^T / n}`` (float64) of every target's inputs over the batches of ``data``,
-    collected in one pass of the model as it is (eval mode, no gradients)."""
+    collected in one pass of the model as it is (eval mode, no gradients); under DDP over every rank's
+    batches."""
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {t.name: 0 for t in targets}
 
@@ -121,6 +123,14 @@ def input_hessians(model: nn.Module, targets: Sequence[Target], data: Iterable, 
         for h in handles:
             h.remove()
         model.train(was_training)
+    if distributed.is_distributed():  # every rank's inputs count: the same H, masks and updates everywhere
+        names = [t.name for t in targets]
+        for t in targets:  # a layer this rank never ran still takes part, with zeros of its shape
+            width = t.numel() // t.shape[0]
+            sums.setdefault(t.name, torch.zeros(width, width, dtype=torch.float64, device=device))
+        n = torch.tensor([float(counts[name]) for name in names], dtype=torch.float64, device=device)
+        distributed.all_reduce_sum_([n, *(sums[name] for name in names)])
+        counts.update({name: round(c) for name, c in zip(names, n.tolist())})
     missing = [t.name for t in targets if counts[t.name] == 0]
     if missing:
         raise ValueError(f"obs: the calibration forward pass never ran {', '.join(missing)}")

@@ -13,7 +13,7 @@ the data order. Calibration data is the training set. Rows:
 * targeted dropout (gamma 0.75, alpha 0.5) vs plain training, both pruned to the targeted 75%;
 * greedy per-layer allocation vs uniform and global magnitude at the same FLOPs budget (LeNet-5).
 
-    .venv/bin/python benchmarks/seed_methods.py                # 3 seeds (~6 min on one core)
+    .venv/bin/python benchmarks/seed_methods.py                # 3 seeds (~3 min on one core)
     .venv/bin/python benchmarks/seed_methods.py --quick --seeds 1 --no-save   # smoke run
 
 Results go to ``benchmarks/results/seed_methods.{md,json}``.

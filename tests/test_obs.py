@@ -124,6 +124,7 @@ def test_obs_beats_magnitude_one_shot_on_digits():
     assert evaluate(obs, test_loader) > evaluate(magnitude, test_loader) + 0.05
 
 
+@pytest.mark.slow
 def test_obs_from_a_recipe(tmp_path):
     from prunekit.recipe_run import run_recipe
 

@@ -66,7 +66,11 @@ def _transformers_loaded():
 def _build(name: str):
     make, inputs = MODELS[name]
     torch.manual_seed(0)
-    return make().eval(), inputs()
+    model = make().eval()
+    for m in model.modules():  # transformers' std-0.02 init makes deep CNNs' activations vanish
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
+    return model, inputs()
 
 
 def _logits(model: nn.Module, x: dict) -> torch.Tensor:
@@ -272,3 +276,41 @@ def test_pk_save_and_load_into_a_fresh_model(name, tmp_path):
     fresh, _ = _build(name)
     pk.load(fresh, tmp_path / "pruned.safetensors")
     torch.testing.assert_close(_logits(fresh, x), _logits(model, x), rtol=0, atol=0)
+
+
+def test_eager_trace_sizes_keep_their_source_so_views_follow_a_removal():
+    class Reshaping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.conv, self.c = nn.Linear(4, 8), nn.Conv2d(8, 6, 1), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if x.abs().sum() > 0:  # forces the eager trace
+                b, c = h.shape
+                h = h.view(b, c, 1, 1)  # sizes read from the tensor: they follow a removal
+            h = self.conv(h).flatten(1)
+            return self.c(h)
+
+    model = Reshaping()
+    x = torch.randn(3, 4)
+    graph = pk.structured.DependencyGraph(model, x)
+    assert sorted(g.size for g in graph.groups()) == [6, 8]
+    with torch.no_grad():
+        model.a.weight[[1, 5]] = 0
+        model.a.bias[[1, 5]] = 0
+    expected = model(x)
+    pk.structured.remove(model, x, "a", [1, 5])
+    assert model.conv.in_channels == 6
+    torch.testing.assert_close(model(x), expected)
+
+    class Fixed(Reshaping):
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if x.abs().sum() > 0:
+                h = h.view(3, 8, 1, 1)  # sizes written as numbers: the channels are pinned
+            return self.c(self.conv(h).flatten(1))
+
+    graph = pk.structured.DependencyGraph(Fixed(), x)
+    assert [g.size for g in graph.groups()] == [6]
+    assert any("view" in b.reason for b in graph.boundaries())

@@ -173,3 +173,11 @@ def test_obs_under_ddp_uses_every_ranks_inputs(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(results[0][key], results[1][key]), key
         torch.testing.assert_close(results[0][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_layers_are_named_before_anything_changes():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="0.weight.*grouped"):
+        pk.prune(model, 0.5, method="obs", data=[(torch.randn(2, 4, 3, 3), torch.zeros(2, dtype=torch.long))])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not pk.masks(model)

@@ -55,3 +55,15 @@ def test_targeted_dropout_makes_pruning_cheap_on_digits():
         TargetedDropout(model, targeted=0.75).to_masks()  # prune the same 75% of every unit
         results.append(evaluate(model, test_loader))
     assert results[1] > results[0] + 0.1
+
+
+def test_unit_mode_drops_whole_low_norm_units():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 10)
+    w = layer.weight.detach().clone()
+    TargetedDropout(layer, targeted=0.3, rate=1.0, mode="unit")
+    layer.train()
+    dropped = (layer.weight.detach() == 0).all(dim=1)
+    assert torch.equal(dropped, targeted_mask(w, 0.3, "unit").all(dim=1)) and int(dropped.sum()) == 3
+    with pytest.raises(ValueError, match="mode"):
+        TargetedDropout(nn.Linear(2, 2), mode="column")

@@ -48,10 +48,7 @@ def _conv_padding(module: nn.modules.conv._ConvNd) -> tuple[int, ...]:
 
 def _check_layer(target: Target) -> None:
     module = target.module
-    ok = target.param_name == "weight" and (
-        type(module) is nn.Linear or isinstance(module, nn.Linear)
-        or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd))
-    )
+    ok = target.param_name == "weight" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     if not ok:
         raise ValueError(f"obs handles the weights of Linear, Conv1d and Conv2d layers; {target.name} is not one")
     if isinstance(module, nn.modules.conv._ConvNd):

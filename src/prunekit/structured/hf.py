@@ -158,8 +158,10 @@ def _resize_attention(module, sizes):
     set_head_counts(attn, heads, kv)
 
 
-_HEAD_ATTRIBUTES = {"gpt2": ("num_heads", "split_size"), "llama": ("num_key_value_groups",),
-                    "opt": ("num_heads",), "bert": ("num_attention_heads", "all_head_size")}
+# recorded by pk.save / config.prunekit_structure: a config with a pruned hidden size derives others
+_HEAD_ATTRIBUTES = {"gpt2": ("num_heads", "split_size", "head_dim"), "llama": ("num_key_value_groups", "head_dim"),
+                    "opt": ("num_heads", "head_dim"),
+                    "bert": ("num_attention_heads", "all_head_size", "attention_head_size")}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def sync_config(model: nn.Module, mlp: list[str] = ()) -> None:
     """After surgery: record every resized layer in ``config.prunekit_structure`` (what
     :func:`load_pretrained` needs) and update the config's own size fields where every layer agrees and
     the config accepts the value (``intermediate_size`` of the ``mlp`` layers, see :func:`mlp_layers`;
-    Llama-style head counts)."""
+    Llama-style head counts). ``hidden_size`` stays: transformers' layers require it to be a multiple of the
+    head count, so a pruned hidden width lives in ``prunekit_structure`` only."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
@@ -44,7 +45,6 @@ def sync_config(model: nn.Module, mlp: list[str] = ()) -> None:
     if STRUCTURE_KEY in meta:
         config.prunekit_structure = json.loads(meta[STRUCTURE_KEY])
     attns = [a for a in (attention_layout(m) for m in model.modules()) if a is not None]
-    old = dict(config.__dict__)
     fields: dict[str, Any] = {}
     llama = [a for a in attns if a.style == "llama"]
     if llama and len(llama) == len(attns):
@@ -56,17 +56,15 @@ def sync_config(model: nn.Module, mlp: list[str] = ()) -> None:
     width = _uniform([weight_out(modules[n]) for n in mlp if n in modules])
     if width is not None:
         fields["intermediate_size"] = width
+    validate = getattr(config, "validate", None)
     for key, value in fields.items():
+        previous = getattr(config, key)
         setattr(config, key, value)
-    try:  # transformers' strict configs may refuse (e.g. hidden_size % num_attention_heads)
-        validate = getattr(config, "validate", None)
-        if callable(validate):
-            validate()
-    except Exception:  # noqa: BLE001 - the sizes stay recorded in prunekit_structure
-        config.__dict__.clear()
-        config.__dict__.update(old)
-        if STRUCTURE_KEY in meta:
-            config.prunekit_structure = json.loads(meta[STRUCTURE_KEY])
+        try:  # transformers' strict configs may refuse (e.g. hidden_size % num_attention_heads)
+            if callable(validate):
+                validate()
+        except Exception:  # noqa: BLE001 - the size stays recorded in prunekit_structure
+            setattr(config, key, previous)
 
 
 def mlp_layers(model: nn.Module) -> list[str]:

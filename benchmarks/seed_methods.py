@@ -5,7 +5,8 @@ Networks: LeNet-300-100 (and LeNet-5 for the FLOPs allocation) on scikit-learn's
 360 test images, fixed split), Adam lr 1e-3, batch 64, one thread. The seed sets the initialisation and
 the data order. Calibration data is the training set. Rows:
 
-* one-shot, no fine-tuning: magnitude vs layer-wise OBS (``method="obs"``, 4 rounds), local and global;
+* one-shot, no fine-tuning: magnitude vs layer-wise OBS (``method="obs"``, 4 rounds), local and global, and
+  on LeNet-5 (local);
 * Han's rule ``|w| < q std`` (q = 1, ``scope="threshold"``) vs magnitude at the sparsity it reaches;
 * channels (hidden neurons), 50% removed, no fine-tuning: L1 (magnitude), first- and second-order Taylor;
 * dynamic network surgery (c = 2, 10 epochs from the trained network) vs magnitude at the same sparsity
@@ -114,6 +115,14 @@ def run_seed(seed: int, quick: bool) -> dict[str, tuple[float, float]]:
     cost = flops_cost(layer_flops(cnn, targets, next(iter(cnn_train))[0]))
     dense_cost = cost({})
     out["dense LeNet-5"] = (evaluate(cnn, cnn_test), 1.0)
+
+    for s in (0.7, 0.9):  # OBS on a CNN: convolutions through their im2col inputs
+        m = copy.deepcopy(cnn)
+        pk.prune(m, s, method="magnitude", scope="local")
+        out[f"LeNet-5 {s:.0%} local: magnitude"] = (evaluate(m, cnn_test), pk.sparsity(m))
+        m = copy.deepcopy(cnn)
+        pk.prune(m, s, method=OBS(rounds=2 if quick else 4), scope="local", data=cnn_train)
+        out[f"LeNet-5 {s:.0%} local: OBS"] = (evaluate(m, cnn_test), pk.sparsity(m))
 
     def flops_of(model) -> float:
         return cost({t.name: 1 - float(t.value.ne(0).float().mean()) for t in resolve_targets(model)}) / dense_cost

@@ -235,7 +235,7 @@ def test_hidden_width_pruned_where_asked(name, embedding, tmp_path):
     torch.testing.assert_close(_logits(load_pretrained(tmp_path), x), _logits(model, x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "opt", "vit", "convnext"])
+@pytest.mark.parametrize("name", ["llama_gqa", "opt", "vit", "swin", "convnext"])
 def test_hidden_width_of_rms_norm_and_vision_models_runs_and_reloads(name, tmp_path):
     model, x = _build(name)
     plain = copy.deepcopy(model)

@@ -74,3 +74,29 @@ def test_eager_trace_finds_the_groups_fx_finds(name):
 def test_tracer_is_checked():
     with pytest.raises(ValueError, match="tracer must be"):
         pk.structured.DependencyGraph(torch.nn.Linear(2, 2), torch.randn(1, 2), tracer="jit")
+
+
+def test_a_reshape_taking_its_channel_count_from_another_tensor_couples_the_two():
+    class Windows(torch.nn.Module):  # Swin-style: the width of a view is read from the block's input
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            width = h.shape[-1]
+            y = self.b(h).view(-1, 2, width)  # before the residual add that makes h and y one channel set
+            return self.c(y.reshape(h.shape) + h)
+
+    model = Windows()
+    x = torch.randn(4, 4)
+    graph = pk.structured.DependencyGraph(model, x)
+    assert [g.size for g in graph.groups()] == [8]
+    with torch.no_grad():
+        for layer in (model.a, model.b):
+            layer.weight[[2, 6]] = 0
+            layer.bias[[2, 6]] = 0
+    expected = model(x)
+    pk.structured.remove(model, x, "a", [2, 6])
+    assert model.b.in_features == model.b.out_features == model.c.in_features == 6
+    torch.testing.assert_close(model(x), expected)

@@ -253,6 +253,10 @@ def _reshape_follows(ctx, x_arg, d, labels, P, e, entries, out_shape) -> bool:
     for entry in entries:
         node = entry[1] if isinstance(entry, tuple) and len(entry) == 3 and entry[0] == "elem" else entry
         taints |= set(ctx.size_sources(node))
+    for source, dim in taints:  # the channel count read from another tensor: both must keep the same count,
+        lab = ctx.labels(source)  # so couple them (one channel each, position by position)
+        if isinstance(lab, dict) and dim in lab and lab[dim].numel() == labels.numel():
+            ctx.union(lab[dim], labels, "a reshape takes this channel count from another tensor")
     roots = ctx.roots()  # a size read elsewhere on the stream carries other atoms of the same channels
     for source, dim in taints:
         lab = ctx.labels(source)

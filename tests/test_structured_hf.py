@@ -55,6 +55,22 @@ MODELS = {
         image_size=32, depth_multiplier=0.35, num_labels=3)), _image),
 }
 SLOW = {"mobilenetv2"}
+_TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=32)
+_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, num_labels=3)
+MORE = {  # layouts the attention rule does not know (DistilBERT, GPT-NeoX's fused qkv) are traced into
+    "roberta": (lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**_TEXT, num_labels=3, pad_token_id=1)),
+                _ids),
+    "distilbert": (lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32)), _ids),
+    "mistral": (lambda: tf.MistralForCausalLM(tf.MistralConfig(**_TEXT, num_key_value_heads=2)), _ids),
+    "qwen2": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_TEXT, num_key_value_heads=2)), _ids),
+    "gpt_neox": (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**_TEXT)), _ids),
+    "phi": (lambda: tf.PhiForCausalLM(tf.PhiConfig(**_TEXT)), _ids),
+    "deit": (lambda: tf.DeiTForImageClassification(tf.DeiTConfig(**_VISION)), _image),
+    "beit": (lambda: tf.BeitForImageClassification(tf.BeitConfig(**_VISION)), _image),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +80,7 @@ def _transformers_loaded():
 
 
 def _build(name: str):
-    make, inputs = MODELS[name]
+    make, inputs = MODELS[name] if name in MODELS else MORE[name]
     torch.manual_seed(0)
     model = make().eval()
     for m in model.modules():  # transformers' std-0.02 init makes deep CNNs' activations vanish
@@ -314,3 +330,17 @@ def test_eager_trace_sizes_keep_their_source_so_views_follow_a_removal():
     graph = pk.structured.DependencyGraph(Fixed(), x)
     assert [g.size for g in graph.groups()] == [6]
     assert any("view" in b.reason for b in graph.boundaries())
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_architectures_pruned_with_heads_equal_their_zeroed_original(name):
+    model, x = _build(name)
+    heads = pk.structured.DependencyGraph(model, x).groups()[0]
+    assert heads.size in (2, 4) and "in" in {r for m in heads.members for r in m.roles}  # attention heads
+    zeroed = copy.deepcopy(model)
+    pk.structured.prune(zeroed, x, 0.3, physical=False)
+    report = pk.structured.prune(model, x, 0.3)
+    assert report.params_after < report.params_before
+    expected = _logits(zeroed, x)
+    scale = expected.abs().max()
+    torch.testing.assert_close(_logits(model, x) / scale, expected / scale, rtol=1e-5, atol=1e-5)

@@ -67,7 +67,6 @@ QUALITY_OPTIONS = (
     ("sensitivity", {"allocation": "sensitivity"}),
     ("true sequential", {"sequential": "layer"}),
     ("recovery lsq", {"recovery": "lsq"}),
-    ("sensitivity + recovery", {"allocation": "sensitivity", "recovery": "lsq"}),
 )
 
 

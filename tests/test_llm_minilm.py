@@ -47,3 +47,41 @@ def test_dense_embeddings_are_those_of_sentence_transformers_pooling(minilm):
         hidden = dense(**inputs).last_hidden_state
     mask = inputs["attention_mask"].unsqueeze(-1).float()
     torch.testing.assert_close(reference, (hidden * mask).sum(1) / mask.sum(1))
+
+
+@pytest.fixture(scope="module")
+def minilm_benchmark_setup():
+    """The setting of benchmarks/llm_pruning.py's quality tables: 32 x 128 calibration tokens, 256 sentences."""
+    model, tokenizer = load_minilm()
+    calib = pk.llm.calibration_data(tokenizer, num_samples=32, seq_len=128, seed=0)
+    inputs = encode(tokenizer, pk.llm.builtin_sentences("heldout", n=256))
+    return model, calib, inputs, pk.llm.mean_pooled_embeddings(model, inputs)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.6, 0.7])
+def test_owl_and_sensitivity_allocation_beat_uniform(minilm_benchmark_setup, method, sparsity):
+    dense, calib, inputs, reference = minilm_benchmark_setup
+    similarity = {}
+    for label, kw in [("uniform", {}), ("owl", {"allocation": "owl", "outlier_threshold": 30.0}),
+                      ("sensitivity", {"allocation": "sensitivity"})]:
+        model = copy.deepcopy(dense)
+        report = pk.llm.prune(model, calib, method=method, sparsity=sparsity, **kw)
+        assert sum(report.block_sparsity) / len(report.block_sparsity) == pytest.approx(sparsity)
+        assert pk.sparsity(model) == pytest.approx(sparsity, abs=2e-3)
+        similarity[label] = pk.llm.embedding_similarity(model, reference, inputs)
+    # Measured in benchmarks/results/llm_pruning.md (same setting).
+    assert similarity["owl"] > similarity["uniform"], similarity
+    assert similarity["sensitivity"] > similarity["uniform"], similarity
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_least_squares_recovery_improves_embeddings(minilm_benchmark_setup, method):
+    dense, calib, inputs, reference = minilm_benchmark_setup
+    similarity = {}
+    for recovery in (None, "lsq"):
+        model = copy.deepcopy(dense)
+        pk.llm.prune(model, calib, method=method, sparsity=0.6, recovery=recovery)
+        assert pk.sparsity(model) == pytest.approx(0.6, abs=2e-3)
+        similarity[recovery] = pk.llm.embedding_similarity(model, reference, inputs)
+    assert similarity["lsq"] > similarity[None] + 0.01, similarity

@@ -16,7 +16,8 @@ import prunekit as pk
 from prunekit import masking
 from prunekit.llm.blocks import block_layers, find_blocks, matrix_to_weight, weight_matrix
 from prunekit.llm.models import tiny_model
-from prunekit.llm.sparsegpt import Hessian, _inverse_cholesky, sparsegpt
+from prunekit.granularity import NM
+from prunekit.llm.sparsegpt import Hessian, _inverse_cholesky, sparsegpt, sparsegpt_group
 from prunekit.llm.wanda import InputNorms, wanda_mask
 
 
@@ -91,6 +92,21 @@ def test_sweep_gives_the_reference_weights_and_masks_exactly():
         old_w, old_keep = _old_sparsegpt(W, H, sparsity, blocksize=64)
         assert torch.equal(keep, old_keep)
         assert torch.equal(new_w, old_w)
+
+
+@pytest.mark.parametrize("nm", [None, NM(2, 4)])
+def test_one_sweep_for_layers_sharing_inputs_gives_each_layers_own_result(nm):
+    torch.manual_seed(2)
+    X = torch.randn(700, 384) * torch.linspace(0.1, 3, 384)
+    H = _old_hessian([X])
+    weights = [torch.randn(384, 384), torch.randn(128, 384), torch.randn(96, 384)]  # q, k, v (GQA)
+    kept = [None, torch.rand(128, 384) > 0.2, None]
+    n, m = (nm.n, nm.m) if nm else (0, 0)
+    together = sparsegpt_group(weights, H, 0.6, n, m, kept=kept)
+    for w, k, (new_w, keep, loss) in zip(weights, kept, together):
+        alone_w, alone_keep, alone_loss = sparsegpt(w, H, 0.6, n, m, kept=k)
+        assert torch.equal(keep, alone_keep) and torch.equal(new_w, alone_w)
+        assert loss == pytest.approx(alone_loss, rel=1e-12)
 
 
 def _reference_prune(model, calib, method, sparsity=0.5):

@@ -68,6 +68,14 @@ class LayerMethod:
         pruned); ``pattern`` an N:M pattern along the input dimension, or ``None`` for unstructured."""
         raise NotImplementedError
 
+    def prune_group(
+        self, weights: list[Tensor], stats: Accumulator | None, sparsity: float, pattern: NM | None,
+        kept: list[Tensor | None],
+    ) -> list[LayerResult]:
+        """Prune layers that read the same inputs (one shared accumulator), e.g. q/k/v. The default prunes them
+        one by one; a method may share work between them, with the same results."""
+        return [self.prune(w, stats, sparsity, pattern, k) for w, k in zip(weights, kept)]
+
 
 LLM_METHODS: Registry[type[LayerMethod]] = Registry("llm method")
 

@@ -318,23 +318,41 @@ def prune_layers(
     model: nn.Module, owner: nn.Module, layers: Sequence[BlockLayer], method: LayerMethod, sparsity: float, pattern,
     stats: dict[str, Any],
 ) -> list[LayerRecord]:
-    """Prune each layer from its statistics (freed one by one); masks attached, weights updated if the method
-    reconstructs. ``owner`` is a module holding every layer (the block, or the model)."""
+    """Prune each layer from its statistics (freed as soon as used); masks attached, weights updated if the
+    method reconstructs. Consecutive layers sharing one accumulator (q/k/v, gate/up) go to the method's
+    ``prune_group`` at once. ``owner`` is a module holding every layer (the block, or the model)."""
     owners = masking.parameter_owners(owner)
-    records = []
+    groups: list[list[BlockLayer]] = []
     for layer in layers:
+        shared = groups and stats.get(layer.name) is not None and stats.get(layer.name) is stats.get(groups[-1][0].name)
+        if shared:
+            groups[-1].append(layer)
+        else:
+            groups.append([layer])
+    records = []
+    for group in groups:
         start = time.perf_counter()
-        before = fraction_pruned(masking.get_mask(model, layer.weight_name))
-        result = method.prune(weight_matrix(layer), stats.pop(layer.name, None), sparsity, pattern,
-                              current_keep(model, layer))
-        param = masking.raw_parameter(layer.module, "weight")
-        if result.weight is not None:
-            with torch.no_grad():
-                param.copy_(matrix_to_weight(layer, result.weight).to(param.dtype))
-        keep = matrix_to_weight(layer, result.keep).contiguous()
-        after = masking.attach(model, layer.weight_name, keep, copy=False, owners=owners[id(param)])
-        records.append(LayerRecord(layer.name, tuple(param.shape), param.numel(), before, fraction_pruned(after),
-                                   time.perf_counter() - start, result.error))
+        befores = [fraction_pruned(masking.get_mask(model, layer.weight_name)) for layer in group]
+        acc = None
+        for layer in group:
+            acc = stats.pop(layer.name, None)
+        weights = [weight_matrix(layer) for layer in group]
+        kepts = [current_keep(model, layer) for layer in group]
+        if len(group) > 1:
+            results = method.prune_group(weights, acc, sparsity, pattern, kepts)
+        else:
+            results = [method.prune(weights[0], acc, sparsity, pattern, kepts[0])]
+        del acc, weights, kepts
+        seconds = (time.perf_counter() - start) / len(group)
+        for layer, result, before in zip(group, results, befores):
+            param = masking.raw_parameter(layer.module, "weight")
+            if result.weight is not None:
+                with torch.no_grad():
+                    param.copy_(matrix_to_weight(layer, result.weight).to(param.dtype))
+            keep = matrix_to_weight(layer, result.keep).contiguous()
+            after = masking.attach(model, layer.weight_name, keep, copy=False, owners=owners[id(param)])
+            records.append(LayerRecord(layer.name, tuple(param.shape), param.numel(), before, fraction_pruned(after),
+                                       seconds, result.error))
     return records
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .methods import LLM_METHODS, LayerMethod, LayerResult
 
-__all__ = ["Hessian", "sparsegpt", "SparseGPT"]
+__all__ = ["Hessian", "sparsegpt", "sparsegpt_group", "SparseGPT"]
 
 
 #: column panels of the symmetric Hessian update (below this width, one full product)
@@ -112,13 +112,37 @@ def sparsegpt(
     error, ``sum (w - q)^2 / [U_jj]^2 / 2``, which equals ``||(W - W') X||^2 / n`` when there is no dampening.
     ``dtype`` is the precision of the computation (float32 as in the reference; float64 for checks).
     """
-    W = weight.to(dtype).clone()
+    [(W, keep, loss)] = sparsegpt_group([weight], H, sparsity, prune_n, prune_m, blocksize, percdamp, [kept], dtype)
+    return W, keep, loss
+
+
+def sparsegpt_group(
+    weights: list[Tensor],
+    H: Tensor,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    kept: list[Tensor | None] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[Tensor, Tensor, float]]:
+    """:func:`sparsegpt` for several weights with the same inputs (q/k/v, gate/up): one factorisation and one
+    column sweep over their stacked rows, each weight's unstructured mask still chosen among its own rows,
+    so every result is the one :func:`sparsegpt` gives that weight alone."""
+    rows_each = [w.shape[0] for w in weights]
+    W = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype).clone()
     rows, columns = W.shape
     H = H.to(device=W.device, dtype=dtype).clone()
     if prune_m and blocksize % prune_m:
         raise ValueError(f"SparseGPT: blocksize {blocksize} must be a multiple of M={prune_m}")
     if prune_m and columns % prune_m:
         raise ValueError(f"SparseGPT: {columns} input columns are not divisible by M={prune_m}")
+    kept = [None] * len(weights) if kept is None else kept
+    old_pruned = None
+    if any(k is not None for k in kept):
+        old_pruned = torch.cat([torch.zeros(r, columns, dtype=torch.bool, device=W.device) if k is None
+                                else ~k.to(W.device) for r, k in zip(rows_each, kept)])
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -127,9 +151,10 @@ def sparsegpt(
     del H
 
     pruned = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
-    old_pruned = None if kept is None else ~kept.to(W.device)
     losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
-    to_prune = sparsity * rows  # per column, for exact cumulative rounding
+    bounds = [0]
+    for r in rows_each:
+        bounds.append(bounds[-1] + r)
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -144,11 +169,13 @@ def sparsegpt(
             tmp = W1.square() / d1.reshape(1, -1).square()
             if old1 is not None:
                 tmp = tmp.masked_fill(old1, float("-inf"))
-            k = int(round(to_prune * i2)) - int(round(to_prune * i1))
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            if k > 0:
-                idx = torch.topk(tmp.reshape(-1), k, largest=False, sorted=False).indices
-                mask1.view(-1)[idx] = True
+            for r0, r1 in zip(bounds, bounds[1:]):  # each weight's own exact share (cumulative rounding)
+                to_prune = sparsity * (r1 - r0)
+                k = int(round(to_prune * i2)) - int(round(to_prune * i1))
+                if k > 0:
+                    idx = torch.topk(tmp[r0:r1].reshape(-1), k, largest=False, sorted=False).indices
+                    mask1[r0:r1].view(-1)[idx] = True
             if old1 is not None:
                 mask1 |= old1
         else:
@@ -177,7 +204,7 @@ def sparsegpt(
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
     W[pruned] = 0  # exact zeros (the sweep already wrote 0; this guards against -0.0 / NaN noise)
-    return W, ~pruned, float(losses.sum()) / 2
+    return [(W[r0:r1], ~pruned[r0:r1], float(losses[r0:r1].sum()) / 2) for r0, r1 in zip(bounds, bounds[1:])]
 
 
 @LLM_METHODS.register(
@@ -201,8 +228,10 @@ class SparseGPT(LayerMethod):
         return Hessian(in_features, device)
 
     def prune(self, weight, stats, sparsity, pattern, kept):
+        return self.prune_group([weight], stats, sparsity, pattern, [kept])[0]
+
+    def prune_group(self, weights, stats, sparsity, pattern, kept):
         n, m = (pattern.n, pattern.m) if pattern is not None else (0, 0)
-        new, keep, loss = sparsegpt(
-            weight, stats.H, sparsity, n, m, blocksize=self.blocksize, percdamp=self.percdamp, kept=kept
-        )
-        return LayerResult(keep, new, loss)
+        out = sparsegpt_group(weights, stats.H, sparsity, n, m, blocksize=self.blocksize, percdamp=self.percdamp,
+                              kept=kept)
+        return [LayerResult(keep, new, loss) for new, keep, loss in out]

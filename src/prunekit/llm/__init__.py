@@ -3,6 +3,8 @@
     import prunekit as pk
     calib = pk.llm.calibration_data(tokenizer, num_samples=128, seq_len=2048)   # built-in text by default
     pk.llm.prune(model, calib, method="sparsegpt", sparsity=0.5)                 # or pattern="2:4"
+    pk.llm.prune(model, calib, method="wanda", sparsity=0.7, allocation="owl",   # or "sensitivity"
+                 sequential="layer", recovery="lsq")                            # true sequential, least squares
     pk.llm.perplexity(model, heldout_ids, seq_len=2048)
     pk.finalize(model); model.save_pretrained("out")                            # loads as usual
 

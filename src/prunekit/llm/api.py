@@ -133,7 +133,8 @@ def prune(
             pruned less), or one sparsity per block. Non-uniform allocations keep the mean (weighted by
             the blocks' prunable weights) at ``sparsity``; they are for unstructured pruning.
         allocation_range: OWL's lambda: the block sparsities span ``sparsity +- allocation_range``.
-        outlier_threshold: OWL's M: a score is an outlier above ``M`` times its block's mean score.
+        outlier_threshold: OWL's M: a score is an outlier above ``M`` times its block's mean score (5 in the
+            paper, for LLaMA; all-MiniLM-L6-v2 needs 30, see the README's measurements).
         recovery: ``None``, or ``"lsq"``: after each layer is pruned, ``recovery_steps`` conjugate-gradient
             steps of layer-wise least squares on the calibration inputs refine its kept weights (the
             mask is kept; see :mod:`prunekit.llm.recovery`).

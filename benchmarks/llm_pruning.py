@@ -316,7 +316,9 @@ def markdown(result: dict) -> str:
                 f"{', '.join(f'{t:.1f}' for t in r['new_wall_s'])} | "
                 f"{min(r['old_wall_s']) / min(r['new_wall_s']):.2f}x | {same} |"
             )
-        lines += ["", "The machine is shared with other jobs: compare the ratio, not the absolute seconds."]
+        lines += ["", "Seconds of the `pk.llm.prune` call alone. The machine is shared with other jobs: compare the ratio, "
+                  "not the absolute seconds. *Masks and weights*: every pruned layer's mask and effective weight, "
+                  "compared with `torch.equal` between the two versions."]
     acc = result["accounted_bytes"]
     lines += [
         "",
@@ -362,6 +364,9 @@ def markdown(result: dict) -> str:
                 cells = {(r["method"], r["sparsity"]): r for r in q["quality"] if r["option"] == label}
                 lines.append(f"| {label} | " + " | ".join(
                     f"{cells[c]['cosine']:.3f} ({cells[c]['seconds']:.0f} s)" if c in cells else "-" for c in cols) + " |")
+    if q and q.get("measured_at"):
+        lines += ["", f"The all-MiniLM tables were measured at commit {q['measured_at']['commit']} (same masks and "
+                  "weights: the later changes only make SparseGPT faster, bit for bit)."]
     lines += ["", f"Measured at commit {result['source']['commit']}"
               + (f" with local changes in {', '.join(result['source']['modified'])}" if result['source']['modified'] else "")
               + f"; torch {result['machine']['torch']}, Python {result['machine']['python']}."]

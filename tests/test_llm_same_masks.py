@@ -33,8 +33,8 @@ def _old_hessian(xs):
     return H
 
 
-def _old_sparsegpt(weight, H, sparsity, blocksize=128, percdamp=0.01):
-    """The previous unstructured sweep, line for line."""
+def _old_sparsegpt(weight, H, sparsity, blocksize=128, percdamp=0.01, n=0, m=0):
+    """The previous sweep, line for line (unstructured, or N:M with ``n`` kept of every ``m``)."""
     W = weight.float().clone()
     rows, columns = W.shape
     H = H.clone()
@@ -49,13 +49,17 @@ def _old_sparsegpt(weight, H, sparsity, blocksize=128, percdamp=0.01):
         W1 = W[:, i1:i2].clone()
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        tmp = W1.square() / torch.diag(Hinv1).reshape(1, -1).square()
+        d1 = torch.diag(Hinv1)
+        tmp = W1.square() / d1.reshape(1, -1).square()
         k = int(round(to_prune * i2)) - int(round(to_prune * i1))
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if k > 0:
+        if k > 0 and not m:
             mask1.view(-1)[torch.topk(tmp.reshape(-1), k, largest=False, sorted=False).indices] = True
         for i in range(i2 - i1):
             w, d = W1[:, i], Hinv1[i, i]
+            if m and i % m == 0:
+                tmp = W1[:, i : i + m].square() / d1[i : i + m].reshape(1, -1).square()
+                mask1.scatter_(1, i + torch.topk(tmp, m - n, dim=1, largest=False).indices, True)
             q = w.clone()
             q[mask1[:, i]] = 0
             Q1[:, i] = q
@@ -87,9 +91,9 @@ def test_sweep_gives_the_reference_weights_and_masks_exactly():
     W = torch.randn(48, 256)
     X = torch.randn(600, 256) * torch.linspace(0.1, 3, 256)
     H = _old_hessian([X])
-    for sparsity in (0.5, 0.7):
-        new_w, keep, _ = sparsegpt(W, H, sparsity, blocksize=64)
-        old_w, old_keep = _old_sparsegpt(W, H, sparsity, blocksize=64)
+    for sparsity, n, m in ((0.5, 0, 0), (0.7, 0, 0), (0.5, 2, 4), (0.5, 4, 8)):
+        new_w, keep, _ = sparsegpt(W, H, sparsity, n, m, blocksize=64)
+        old_w, old_keep = _old_sparsegpt(W, H, sparsity, blocksize=64, n=n, m=m)
         assert torch.equal(keep, old_keep)
         assert torch.equal(new_w, old_w)
 

@@ -160,7 +160,6 @@ def sparsegpt_group(
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         old1 = None if old_pruned is None else old_pruned[:, i1:i2]
@@ -181,22 +180,27 @@ def sparsegpt_group(
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool) if old1 is None else old1.clone()
 
+        # The sweep runs on the block transposed, so each column is one contiguous row.
+        W1t, mask1t = W1.t().contiguous(), mask1.t().contiguous()
+        Err1t = torch.empty_like(W1t)
+        rows_h = Hinv1.unsqueeze(2)  # [i, j, 1]: Hinv1[i, j] as a column, for the rank-one updates
+        old1t = None if old1 is None else old1.t()
         for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
+            w = W1t[i]
             if prune_n != 0 and i % prune_m == 0:
-                tmp = W1[:, i : i + prune_m].square() / d1[i : i + prune_m].reshape(1, -1).square()
-                if old1 is not None:
-                    tmp = tmp.masked_fill(old1[:, i : i + prune_m], float("-inf"))
-                drop = torch.topk(tmp, prune_m - prune_n, dim=1, largest=False).indices
-                mask1.scatter_(1, i + drop, True)
-            q = w.masked_fill(mask1[:, i], 0)
-            err1 = (w - q) / d
-            # Column i becomes q; the later columns get the rank-one update (the same products as the
-            # reference's update of columns i..end, whose column i is then overwritten by q anyway).
-            W1[:, i + 1 :] -= err1.unsqueeze(1).matmul(Hinv1[i, i + 1 :].unsqueeze(0))
-            W1[:, i] = q
-            Err1[:, i] = err1
+                tmp = W1t[i : i + prune_m].square() / d1[i : i + prune_m].reshape(-1, 1).square()
+                if old1t is not None:
+                    tmp = tmp.masked_fill(old1t[i : i + prune_m], float("-inf"))
+                drop = torch.topk(tmp, prune_m - prune_n, dim=0, largest=False).indices
+                mask1t.scatter_(0, i + drop, True)
+            pruned_i = mask1t[i]
+            # (w - q) / d with q = w where kept, 0 where pruned: w where pruned, +0 where kept, exactly.
+            err1 = torch.div(w.masked_fill(~pruned_i, 0), d1[i], out=Err1t[i])
+            # The later columns get the rank-one update (products rounded once, as the reference's K=1
+            # matmul), then column i becomes q.
+            W1t[i + 1 :] -= rows_h[i, i + 1 :] * err1
+            w.masked_fill_(pruned_i, 0)
+        W1, Err1, mask1 = W1t.t(), Err1t.t().contiguous(), mask1t.t()
 
         losses += Err1.to(torch.float64).square().sum(dim=1)
         W[:, i1:i2] = W1

@@ -5,7 +5,7 @@ import torch
 
 import prunekit as pk
 from prunekit import masking
-from prunekit.llm.allocation import outlier_ratio, removed_energy, scores_to_sparsities
+from prunekit.llm.allocation import outlier_ratio, scores_to_sparsities
 from prunekit.llm.methods import LayerMethod, LayerResult
 from prunekit.llm.models import tiny_model
 from prunekit.llm.recovery import least_squares_refine
@@ -24,12 +24,12 @@ def test_owl_mapping_is_the_papers_min_max_rule():
         scores_to_sparsities([0.0, 1.0], 0.95, 0.08)
 
 
-def test_outlier_ratio_and_removed_energy_by_hand():
+def test_outlier_ratio_by_hand():
     scores = [torch.tensor([[1.0, 1.0, 1.0, 1.0, 16.0]])]  # mean 4: only 16 is above 2 * 4
     assert outlier_ratio(scores, 2.0) == pytest.approx(1 / 5)
     assert outlier_ratio(scores, 5.0) == 0.0
-    # per row, the 2 lowest of [1, 2, 3, 4] go: (1 + 4) / (1 + 4 + 9 + 16)
-    assert removed_energy([torch.tensor([[4.0, 1.0, 3.0, 2.0]])], 0.5) == pytest.approx(5 / 30)
+    # all scores of a block count together: one outlier among 1 + 5 scores
+    assert outlier_ratio([torch.ones(1, 4), torch.tensor([[1.0, 50.0]])], 5.0) == pytest.approx(1 / 6)
 
 
 @pytest.mark.parametrize("allocation", ["owl", "sensitivity"])
@@ -147,3 +147,27 @@ def test_recovery_keeps_the_mask_and_lowers_the_layer_error(method):
         assert not masking.raw_parameter(recovered.get_submodule(name.rsplit(".", 1)[0]), "weight")[~masks_b[name]].any()
     first = "model.layers.0.self_attn.q_proj.weight"
     assert b.layer_errors[first] < (a.layer_errors.get(first, float("inf")))
+
+
+def test_block_scores_restore_the_weights_and_measure_the_pruned_blocks_error():
+    from prunekit.llm.allocation import block_scores
+    from prunekit.llm.sequential import as_batches, gather_layers
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    calib = pk.llm.random_calibration(256, 4, 24)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    name, blocks = pk.llm.find_blocks(model)
+    scores = block_scores(model, blocks, gather_layers(name, blocks), as_batches(calib), 0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # block 0 by hand: its output with Wanda's 50% masks vs the dense output, on the embeddings
+    pruned = tiny_model("llama", num_hidden_layers=2)
+    pk.llm.prune(pruned, calib, method="wanda", sparsity=0.5, exclude="model.layers.1")
+    outs = {}
+    for key, net in (("dense", model), ("pruned", pruned)):
+        handle = net.model.layers[0].register_forward_hook(
+            lambda m, a, o, key=key: outs.setdefault(key, o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            net(calib, use_cache=False)
+        handle.remove()
+    expected = float((outs["pruned"] - outs["dense"]).square().sum() / outs["dense"].square().sum())
+    assert scores["sensitivity"][0] == pytest.approx(expected, rel=1e-4)

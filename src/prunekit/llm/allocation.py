@@ -23,13 +23,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..granularity import num_to_prune
 from .. import masking
 from .blocks import BlockLayer, matrix_to_weight, weight_matrix
 from .sequential import capture_block_inputs, collect_statistics, run_block
 from .wanda import Wanda, wanda_mask, wanda_scores
 
-__all__ = ["ALLOCATIONS", "outlier_ratio", "removed_energy", "scores_to_sparsities", "block_scores", "allocate"]
+__all__ = ["ALLOCATIONS", "outlier_ratio", "scores_to_sparsities", "block_scores", "allocate"]
 
 ALLOCATIONS = ("uniform", "owl", "sensitivity")
 
@@ -38,19 +37,6 @@ def outlier_ratio(scores: Sequence[Tensor], threshold: float = 5.0) -> float:
     """OWL's layer outlier ratio: the fraction of all ``scores`` above ``threshold`` times their mean."""
     flat = torch.cat([s.reshape(-1) for s in scores])
     return float((flat > threshold * flat.mean()).sum()) / flat.numel()
-
-
-def removed_energy(scores: Sequence[Tensor], sparsity: float) -> float:
-    """Of ``sum s^2`` over all ``(out, in)`` score matrices, the fraction the lowest ``round(s * in)`` scores
-    of every row carry (what Wanda at ``sparsity`` would remove)."""
-    removed = total = 0.0
-    for s in scores:
-        k = num_to_prune(sparsity, s.shape[1])
-        sq = s.to(torch.float64).square()
-        total += float(sq.sum())
-        if k:
-            removed += float(torch.topk(sq, k, dim=1, largest=False, sorted=False).values.sum())
-    return removed / total if total > 0 else 0.0
 
 
 def scores_to_sparsities(scores: Sequence[float], sparsity: float, lam: float,

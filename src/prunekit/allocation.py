@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .criteria import Criterion, get_criterion
 from .granularity import num_to_prune
+from .modules import eval_mode
 from .statistics import LossFn, batch_loss
 from .targets import Target, resolve_targets
 
@@ -53,15 +54,12 @@ def layer_flops(model: nn.Module, targets: list[Target], example_inputs: Tensor)
         return record
 
     handles = [t.module.register_forward_hook(hook(t)) for t in targets]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     missing = [t.name for t in targets if t.name not in found]
     if missing:
         raise ValueError(f"the example input never ran {', '.join(missing)}; FLOPs unknown")
@@ -139,10 +137,8 @@ def greedy_allocation(
     def loss() -> float:
         return sum(float(batch_loss(model, b, loss_fn)) for b in batches) / len(batches)
 
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             current_loss, current_cost = loss(), cost(ratios)
             while current_cost > target_cost:
                 best = None
@@ -170,5 +166,4 @@ def greedy_allocation(
         with torch.no_grad():
             for t in layers:
                 t.parameter.copy_(original[t.name])
-        model.train(was_training)
     return {name: round(s, 6) for name, s in ratios.items()}

@@ -22,7 +22,7 @@ from .criteria import Criterion, get_criterion
 from .granularity import GROUP_NORMS, NM, Granularity, get_granularity
 from .scope import LayerScores, PerLayer, Scope, check_sparsity, get_scope, warn_emptied
 from .statistics import LossFn, TargetStatistics, collect_gradient_statistics
-from .modules import check_model
+from .modules import check_model, fraction_pruned
 from .registry import did_you_mean
 from .targets import Target, resolve_targets
 
@@ -176,10 +176,6 @@ class PruningPlan(Protocol):
     def report(self, sparsity: float | None, rows: list[LayerReport]) -> PruneReport: ...
 
 
-def _fraction_pruned(mask: Tensor | None) -> float:
-    return 0.0 if mask is None else 1.0 - int(mask.count_nonzero()) / mask.numel()
-
-
 class PruningSpec:
     """A validated pruning configuration bound to a model.
 
@@ -326,11 +322,11 @@ class PruningSpec:
                 raise ValueError(f"{target.name}: new mask of shape {tuple(mask.shape)}, parameter {target.shape}")
         self.criterion.update_weights(self.model, self.targets, new_masks)  # OBS moves the kept weights
         for target in self.targets:
-            before = _fraction_pruned(target.mask(self.model))
+            before = fraction_pruned(target.mask(self.model))
             after_mask = masking.attach(
                 self.model, target.name, new_masks[target.name], copy=False, owners=target.owners
             )
-            rows.append(LayerReport(target.name, target.shape, target.numel(), before, _fraction_pruned(after_mask)))
+            rows.append(LayerReport(target.name, target.shape, target.numel(), before, fraction_pruned(after_mask)))
         warn_emptied([(r.name, r.sparsity_after) for r in rows])
         return rows
 

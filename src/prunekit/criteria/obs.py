@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..modules import eval_mode
 from ..statistics import TargetStatistics, move_to
 from ..targets import Target
 from .base import CRITERIA, Criterion
@@ -105,12 +106,10 @@ def input_hessians(model: nn.Module, targets: Sequence[Target], data: Iterable, 
         return record
 
     handles = [t.module.register_forward_hook(hook(t)) for t in targets]
-    was_training = model.training
-    model.eval()
     device = targets[0].parameter.device if targets else torch.device("cpu")
     try:
         seen = 0
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in islice(data, max_batches):
                 _forward(model, batch, device)
                 seen += 1
@@ -119,7 +118,6 @@ def input_hessians(model: nn.Module, targets: Sequence[Target], data: Iterable, 
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if distributed.is_distributed():  # every rank's inputs count: the same H, masks and updates everywhere
         names = [t.name for t in targets]
         for t in targets:  # a layer this rank never ran still takes part, with zeros of its shape

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..modules import eval_mode
 from ..registry import Registry
 from ..statistics import LossFn, batch_loss
 from .graph import DependencyGraph, Group, Member
@@ -211,12 +213,8 @@ class ScoringContext:
         index = {id(i): k for k, i in enumerate(infos.values())}
         sums = {g.index: torch.zeros(g.size) for g in groups}
         model = self.graph.model
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         batches = 0
-        try:
-            from itertools import islice
-
+        with eval_mode(model):
             for batch in islice(self.data, self.max_batches):
                 with torch.enable_grad():
                     loss = batch_loss(model, batch, self.loss_fn)
@@ -231,9 +229,6 @@ class ScoringContext:
                         gate += channel_reduce(m, product.sum(1), g.size)
                     sums[g.index] += gate.square()
                 batches += 1
-        finally:
-            for m, mode in modes:
-                m.training = mode
         if batches == 0:
             raise ValueError("the calibration data yielded no batch")
         self._taylor = {k: v / batches for k, v in sums.items()}
@@ -505,8 +500,6 @@ class GroupTaylorSecondOrder(GroupCriterion):
         return self._cache[1][group.index]
 
     def _all_scores(self, context: ScoringContext) -> dict[int, Tensor]:
-        from itertools import islice
-
         if context.data is None:
             raise ValueError("method 'taylor_so' is data-driven: pass data= (batches of (inputs, labels))")
         groups = context.graph.groups()
@@ -514,12 +507,10 @@ class GroupTaylorSecondOrder(GroupCriterion):
         params = [i.tensor for i in infos.values()]
         index = {key: k for k, key in enumerate(infos)}
         model = context.graph.model
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         generator = torch.Generator().manual_seed(context.seed)
         gates: list[dict[int, Tensor]] = []
         diag = [torch.zeros_like(p) for p in params]
-        try:
+        with eval_mode(model):
             for batch in islice(context.data, context.max_batches):
                 with torch.enable_grad():
                     grads = torch.autograd.grad(batch_loss(model, batch, context.loss_fn), params, allow_unused=True)
@@ -528,9 +519,6 @@ class GroupTaylorSecondOrder(GroupCriterion):
                                       generator)
                 for d, hb in zip(diag, h):
                     d.add_(hb)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         if not gates:
             raise ValueError("the calibration data yielded no batch")
         weights = [p.detach() for p in params]  # w^2 h: the curvature term, one per channel

@@ -21,20 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from ..llm.heads import Attention, set_head_counts
+from ..modules import is_gpt_conv1d
 from .rules import module_rule, register_rule
 from .rules.layers import layer_norm_like
 
-__all__ = ["prepare", "attention_layout", "is_transformers_model", "weight_out", "is_conv1d"]
+__all__ = ["prepare", "attention_layout", "is_transformers_model", "weight_out"]
 
 
 def is_transformers_model(model: nn.Module) -> bool:
     """Whether any module of ``model`` comes from the ``transformers`` package."""
     return any(type(m).__module__.startswith("transformers.") for m in model.modules())
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a Linear whose weight is stored ``(in, out)``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,7 +69,7 @@ def attention_layout(module: nn.Module) -> Attention | None:
         if has("out_proj"):
             return Attention(0, "", module, "opt", module.q_proj, module.k_proj, module.v_proj, module.out_proj,
                              module.head_dim)
-    if has("c_attn", "c_proj") and is_conv1d(module.c_attn) and isinstance(getattr(module, "head_dim", None), int):
+    if has("c_attn", "c_proj") and is_gpt_conv1d(module.c_attn) and isinstance(getattr(module, "head_dim", None), int):
         if not getattr(module, "is_cross_attention", False):
             return Attention(0, "", module, "gpt2", None, None, None, module.c_proj, module.head_dim)
     if has("query", "key", "value") and isinstance(getattr(module, "attention_head_size", None), int):
@@ -85,7 +81,7 @@ def attention_layout(module: nn.Module) -> Attention | None:
 
 def weight_out(module: nn.Module) -> int:
     """Output features of a Linear or a Conv1D."""
-    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+    return module.weight.shape[1] if is_gpt_conv1d(module) else module.weight.shape[0]
 
 
 def _attention_rule(ctx):
@@ -129,7 +125,7 @@ def _attention_rule(ctx):
         produced = q_lab
     else:
         w = ctx.tensor(attn.o, "weight")
-        conv1d = is_conv1d(attn.o)
+        conv1d = is_gpt_conv1d(attn.o)
         ctx.consume(w, 0 if conv1d else 1, q_lab, "in")
         produced = ctx.param(w, 1 if conv1d else 0, "out")
         ctx.consume(ctx.tensor(attn.o, "bias"), 0, produced, "out")
@@ -186,7 +182,7 @@ def prepare(model: nn.Module) -> None:
         if not cls.__module__.startswith("transformers.") or cls in _PREPARED:
             continue
         _PREPARED.add(cls)
-        if is_conv1d(module):
+        if is_gpt_conv1d(module):
             register_rule(cls, _conv1d_rule, _resize_conv1d, ("nf", "nx"))
         elif _is_rms_norm(module):
             register_rule(cls, _rms_norm_rule)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hf import attention_layout, is_conv1d, prepare, weight_out
+from ..modules import is_gpt_conv1d
+from .hf import attention_layout, prepare, weight_out
 from .persist import STRUCTURE_KEY, Structure, structure_metadata
 
 __all__ = ["sync_config", "load_pretrained", "mlp_layers"]
@@ -74,7 +75,7 @@ def mlp_layers(model: nn.Module) -> list[str]:
     if not isinstance(size, int):
         return []
     return [n for n, m in model.named_modules()
-            if (isinstance(m, nn.Linear) or is_conv1d(m)) and weight_out(m) == size]
+            if (isinstance(m, nn.Linear) or is_gpt_conv1d(m)) and weight_out(m) == size]
 
 
 def load_pretrained(path: str | os.PathLike, model_class: Any = None, dtype: torch.dtype | None = None) -> nn.Module:

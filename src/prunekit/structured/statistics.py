@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modules import eval_mode
 from ..statistics import move_to
 
 __all__ = [
@@ -117,21 +118,15 @@ def split_batch(batch: Any) -> tuple[tuple, dict, Tensor | None]:
 def _run_batches(model: nn.Module, data: Iterable, max_batches: int | None,
                  forward: Callable[[tuple, dict, Tensor | None], None]) -> None:
     """``forward(args, kwargs, labels)`` for every calibration batch, in eval mode without gradients."""
-    modes = [(m, m.training) for m in model.modules()]
     device = next(iter(model.parameters()), torch.empty(0)).device
-    model.eval()
-    try:
+    with eval_mode(model), torch.no_grad():
         seen = 0
-        with torch.no_grad():
-            for batch in islice(data, max_batches):
-                args, kwargs, labels = split_batch(batch)
-                forward(move_to(args, device), move_to(kwargs, device), labels)
-                seen += 1
+        for batch in islice(data, max_batches):
+            args, kwargs, labels = split_batch(batch)
+            forward(move_to(args, device), move_to(kwargs, device), labels)
+            seen += 1
         if seen == 0:
             raise ValueError("the calibration data yielded no batch")
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def collect_activation_statistics(

@@ -32,6 +32,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..modules import eval_mode
+
 __all__ = ["eager_trace"]
 
 # Tensor dunders recorded as the operator fx would record; reflected ones swap their operands.
@@ -231,20 +233,17 @@ def eager_trace(model: nn.Module, args: tuple, kwargs: dict, is_leaf: Callable[[
 
     config = getattr(model, "config", None)
     cache = getattr(config, "use_cache", None)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    nn.Module.__call__ = call
-    try:
-        if cache:
-            config.use_cache = False  # a cache would be filled again when the graph is run
-        with torch.no_grad(), recorder:
-            out = model(*args, **kwargs)
-    finally:
-        nn.Module.__call__ = original_call
-        if cache:
-            config.use_cache = cache
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model):
+        nn.Module.__call__ = call
+        try:
+            if cache:
+                config.use_cache = False  # a cache would be filled again when the graph is run
+            with torch.no_grad(), recorder:
+                out = model(*args, **kwargs)
+        finally:
+            nn.Module.__call__ = original_call
+            if cache:
+                config.use_cache = cache
     if isinstance(out, Mapping):  # transformers' ModelOutput
         out = {k: v for k, v in out.items() if v is not None}
     recorder.graph.output(recorder.arg(out))

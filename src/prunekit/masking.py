@@ -26,7 +26,7 @@ of the public API, and a submodule of the same name would shadow it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -45,6 +45,8 @@ __all__ = [
     "raw_parameter",
     "parameter_owners",
     "named_effective_tensors",
+    "clean_name",
+    "clean_state_items",
     "load_masked_state_dict",
     "restore_masks",
     "from_torch_prune",
@@ -89,6 +91,19 @@ def clean_name(name: str) -> str:
         prefix = prefix[1:]
         return f"{prefix}.{param}" if prefix else param
     return name
+
+
+def clean_state_items(state_dict: Mapping[str, Tensor]) -> Iterator[tuple[str, str, Tensor]]:
+    """``(clean name, key, value)`` of a state dict's entries, torch's parametrized layout read as the dense
+    one: a parametrized parameter comes once, as its unmasked ``...original`` under its own name
+    (:func:`clean_name`); the parametrizations' entries (masks, gates) are passed over. Other entries
+    come as they are (their clean name is their key)."""
+    for key, value in state_dict.items():
+        if _PARAMETRIZED in "." + key:
+            if key.endswith(".original"):
+                yield clean_name(key), key, value
+            continue
+        yield key, key, value
 
 
 def _mask_module(module: nn.Module, name: str) -> PruningMask | None:

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import masking
 from ._format import format_bytes, format_count
 from .modules import Inputs, call_model, eval_mode, named_persistent_buffers, split_inputs
+from .serialization import file_bytes
 
 __all__ = [
     "count_params",
@@ -290,18 +291,12 @@ def model_size(model: nn.Module, sparse: bool = False) -> int:
 
     ``sparse=False`` (dense): pruned entries are stored as zeros, so pruning alone does not change the
     size. ``sparse=True``: the bytes ``prunekit.save(model, path, format="sparse")`` writes (without
-    extra metadata): masked and mostly-zero tensors compressed (:mod:`prunekit.sparse_format`), masks
+    extra metadata; :func:`prunekit.serialization.file_bytes`): masked and mostly-zero tensors compressed (:mod:`prunekit.sparse_format`), masks
     included, tied parameters once. At 90% sparsity in float32 a weight costs about 10% of its dense
     bytes plus 1/32 for the bitmask.
     """
     if sparse:
-        from . import serialization, sparse_format
-
-        from .structured.persist import structure_metadata
-
-        meta = {"prunekit_format": serialization.FORMAT_VERSION, "format": "sparse", **structure_metadata(model),
-                serialization.CHECKSUM_KEY: "0" * 64}  # a placeholder as long as the SHA-256 save stores
-        return sparse_format.encoded_nbytes(serialization.state_tensors(model), meta)
+        return len(file_bytes(model, "sparse"))
     return len(safetensors_save(_effective_state_dict(model)))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from . import masking, sparse_format
 from .fileio import atomic_write
 
-__all__ = ["save", "load", "state_tensors", "MASK_PREFIX"]
+__all__ = ["save", "load", "file_bytes", "state_tensors", "MASK_PREFIX"]
 
 MASK_PREFIX = "__mask__."
 FORMAT_VERSION = "1"
@@ -30,15 +30,12 @@ FORMATS = ("dense", "sparse")  # sparse: prunekit.sparse_format (bitmask + value
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by clean name (masked values applied), plus the masks."""
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if masking._PARAMETRIZED in "." + key:
-            if key.endswith(".original"):
-                name = masking.clean_name(key)
-                if name not in tensors:
-                    mask = masking.get_mask(model, name)
-                    tensors[name] = value * mask if mask is not None else value
-            continue  # masks are written once each, below
-        tensors[key] = value
+    for name, key, value in masking.clean_state_items(model.state_dict()):  # masks: written once each, below
+        if key == name:
+            tensors[key] = value
+        elif name not in tensors:  # a masked parameter: its effective value
+            mask = masking.get_mask(model, name)
+            tensors[name] = value * mask if mask is not None else value
     for name, mask in masking.masks(model).items():
         tensors[MASK_PREFIX + name] = mask
     # safetensors refuses tensors that share storage (tied weights, views): give those their own copy.
@@ -82,8 +79,16 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "dense", metad
     path = Path(path)
     if not path.parent.exists():
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
+    return atomic_write(path, file_bytes(model, format, metadata))
+
+
+def file_bytes(model: nn.Module, format: str = "dense", metadata: dict | None = None) -> bytes:
+    """The bytes :func:`save` writes for ``model``: its tensors (:func:`state_tensors`, compressed with
+    ``format="sparse"``) and metadata (format, ``metadata`` as strings, the shapes of physically pruned
+    layers, the checksum)."""
     tensors = state_tensors(model)
     meta = {"prunekit_format": FORMAT_VERSION, "format": format, **{k: str(v) for k, v in (metadata or {}).items()}}
+    # lazily: the structured package is loaded only when used, so that ``import prunekit`` stays light
     from .structured.persist import structure_metadata  # physically pruned layers: their new shapes
 
     meta.update(structure_metadata(model))
@@ -92,7 +97,7 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "dense", metad
         meta.update(sparse_meta)
     tensors = {k: v.cpu() for k, v in tensors.items()}
     meta[CHECKSUM_KEY] = checksum(tensors)
-    return atomic_write(path, safetensors_bytes(tensors, metadata=meta))
+    return safetensors_bytes(tensors, metadata=meta)
 
 
 def _read(path: Path, verify: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -139,7 +144,7 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True, verify:
     from .structured.persist import Structure  # a physically pruned model: resize the fresh one first
 
     structure = Structure.from_metadata(meta)
-    expected = dict(_clean_state_shapes(model))
+    expected = {name: tuple(v.shape) for name, _, v in masking.clean_state_items(model.state_dict())}
     problems = [] if structure is None else structure.check(model)
     if structure is not None:
         expected = structure.expected_shapes(expected)
@@ -179,7 +184,7 @@ def load(model: nn.Module, path: str | os.PathLike, strict: bool = True, verify:
             masking.attach(model, name, torch.ones_like(mask, dtype=torch.bool))
             current = masking.get_mask(model, name)
             current.copy_(mask.to(current.device))  # replace (not tighten): the file is the truth
-        by_key = _clean_to_state_keys(model)
+        by_key = {name: key for name, key, _ in masking.clean_state_items(model.state_dict())}
         state = {by_key[n]: v.to(device) for n, v in values.items() if n in by_key}
         model.load_state_dict(state, strict=False)
     return model
@@ -196,26 +201,6 @@ def _volatile(model: nn.Module) -> list[str]:
         for name in module._non_persistent_buffers_set:
             if module._buffers.get(name) is not None:
                 out.append(f"{module_name}.{name}" if module_name else name)
-    return out
-
-
-def _clean_state_shapes(model: nn.Module):
-    for key, value in model.state_dict().items():
-        if masking._PARAMETRIZED in "." + key:
-            if key.endswith(".original"):
-                yield masking.clean_name(key), tuple(value.shape)
-            continue
-        yield key, tuple(value.shape)
-
-
-def _clean_to_state_keys(model: nn.Module) -> dict[str, str]:
-    out = {}
-    for key in model.state_dict():
-        if masking._PARAMETRIZED in "." + key:
-            if key.endswith(".original"):
-                out[masking.clean_name(key)] = key
-            continue
-        out[key] = key
     return out
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))  # benchmark the working tree, not whateve
 
 import prunekit as pk  # noqa: E402
 from prunekit import export  # noqa: E402
+from prunekit._format import format_seconds  # noqa: E402
 from measuring import cpu_name, save_results, source_state  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -77,17 +78,14 @@ def measure(layer: nn.Module, make_input, sparsity: float, batches, repeats: int
     return rows
 
 
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.0f} µs" if seconds < 1e-2 else f"{seconds * 1e3:,.1f} ms"
-
-
 def table(rows: list[dict]) -> str:
     lines = [
         "| sparsity | batch | dense | sparse (CSR) | speedup | ideal 1/(1-s) | `sparsify` picks |",
         "|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['sparsity']:.0%} | {r['batch']} | {_us(r['dense_s'])} | {_us(r['sparse_s'])} | "
+        dense, sparse = format_seconds(r["dense_s"]), format_seconds(r["sparse_s"])
+        lines.append(f"| {r['sparsity']:.0%} | {r['batch']} | {dense} | {sparse} | "
                      f"**{r['speedup']:.2f}x** | {r['ideal']:.0f}x | {r['sparsify']} |")
     return "\n".join(lines)
 

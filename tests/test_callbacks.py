@@ -13,6 +13,7 @@ from prunekit.data import synthetic_classification
 from prunekit.training import RigL, hf_callback, lightning_callback
 
 
+@pytest.mark.slow
 def test_importing_prunekit_training_imports_no_trainer():
     code = (
         "import sys, prunekit, prunekit.training, prunekit.regularizers; "

@@ -127,6 +127,7 @@ def test_console_script_is_registered():
     assert scripts.get("prunekit") == "prunekit_cli:main"  # light: catches Ctrl-C while torch imports
 
 
+@pytest.mark.slow
 def test_as_a_process_no_traceback(tmp_path):
     path = write(tmp_path, dict(TINY, prune={"method": "magnitud", "sparsity": 0.5}))
     done = subprocess.run([sys.executable, "-m", "prunekit.cli", "prune", str(path)],

@@ -236,6 +236,7 @@ def test_sparse_conv_is_used_when_forced_and_matches():
 # --- the benchmark ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sparse_inference_benchmark_smoke_run(tmp_path):
     import subprocess
     import sys

@@ -106,6 +106,7 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % 256 for c in text]}
 
 
+@pytest.mark.slow
 def test_builtin_text_has_disjoint_calibration_and_heldout_splits():
     cal, held = builtin_text("calibration"), builtin_text("heldout")
     assert len(cal) > 200_000 and len(held) > 50_000
@@ -115,13 +116,19 @@ def test_builtin_text_has_disjoint_calibration_and_heldout_splits():
     assert len(sentences) == 50 and all(s[0].isupper() for s in sentences)
     with pytest.raises(ValueError, match="split"):
         builtin_text("train")
+    # the built-in calibration text is the default source: every sample is a window of it
+    calib = pk.llm.calibration_data(CharTokenizer(), num_samples=3, seq_len=40, seed=0)
+    assert calib.shape == (3, 40)
+    stream = bytes(CharTokenizer()(cal)["input_ids"])
+    assert all(bytes(row.tolist()) in stream for row in calib)
 
 
 def test_calibration_data_is_seeded_fixed_size_from_any_source(tmp_path):
     tok = CharTokenizer()
-    a = pk.llm.calibration_data(tok, num_samples=5, seq_len=40, seed=1)
-    b = pk.llm.calibration_data(tok, num_samples=5, seq_len=40, seed=1)
-    c = pk.llm.calibration_data(tok, num_samples=5, seq_len=40, seed=2)
+    text = [" ".join(f"word{i}" for i in range(400))]  # not the built-in text: parsing the stdlib takes seconds
+    a = pk.llm.calibration_data(tok, texts=text, num_samples=5, seq_len=40, seed=1)
+    b = pk.llm.calibration_data(tok, texts=text, num_samples=5, seq_len=40, seed=1)
+    c = pk.llm.calibration_data(tok, texts=text, num_samples=5, seq_len=40, seed=2)
     assert a.shape == (5, 40) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
     f = tmp_path / "text.txt"

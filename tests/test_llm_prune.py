@@ -26,6 +26,7 @@ def _in_first(name, model, mask):
     return mask.t() if "Conv1D" in [c.__name__ for c in type(module).__mro__] else mask
 
 
+@pytest.mark.slow
 def test_import_prunekit_and_pk_llm_do_not_import_transformers():
     import subprocess
 

@@ -114,6 +114,7 @@ def test_state_dict_round_trip_into_masked_and_fresh_models():
     assert torch.equal(other(x), model(x))
 
 
+@pytest.mark.slow
 def test_torch_compile_sees_the_mask():
     model = mlp()
     mask = random_mask((16, 8))

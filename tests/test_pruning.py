@@ -364,6 +364,7 @@ def test_targets_by_type_glob_and_parameter_name():
     assert [l.name for l in report.layers] == ["5.weight", "7.bias"]
 
 
+@pytest.mark.slow
 def test_global_selection_memory_stays_below_a_quarter_of_the_targets():
     # Measured in a fresh process: peak resident memory during pk.prune beyond what the masks take.
     code = textwrap.dedent(

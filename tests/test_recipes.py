@@ -64,7 +64,9 @@ def test_valid_recipe_runs_and_the_saved_model_loads(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["after"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert saved["before"]["accuracy"] > 0.8  # two epochs are enough for digits
-    assert saved["pruned_accuracy"] is not None and saved["after"]["accuracy"] > 0.5
+    # pruning 80% of a briefly trained net costs accuracy (0.89 -> 0.73 here); one epoch of fine-tuning wins it back
+    assert 0.5 < saved["pruned_accuracy"] < saved["before"]["accuracy"] - 0.05
+    assert saved["after"]["accuracy"] > saved["pruned_accuracy"] + 0.05
     assert saved["after"]["compression_ratio"] > 4.0
     assert saved["settings"]["prune"]["method"] == "magnitude"
     assert saved["kind"] == "prunekit.recipe"
@@ -143,9 +145,15 @@ def test_output_dir_resolves_against_the_recipe_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("example", ["lenet_digits.yaml", "my_model.yaml"])
 def test_examples_are_valid(example):
+    raw = yaml.safe_load((EXAMPLES / example).read_text(encoding="utf-8"))
+    before = sorted(p.relative_to(EXAMPLES) for p in EXAMPLES.rglob("*") if "__pycache__" not in p.parts)
     prepared = prepare(EXAMPLES / example)  # builds model and data, dry-runs pruning; writes nothing
-    assert prepared.recipe.prune.sparsity is not None
-    assert not prepared.out_dir.exists() or prepared.out_dir.is_dir()
+    assert prepared.recipe.prune.sparsity == raw["prune"]["sparsity"]
+    assert prepared.recipe.prune.method == raw["prune"]["method"]
+    assert prepared.out_dir == (EXAMPLES / raw["output"]["dir"]).resolve()  # relative to the recipe's folder
+    assert sorted(p.relative_to(EXAMPLES) for p in EXAMPLES.rglob("*") if "__pycache__" not in p.parts) == before
+    x, _ = prepared.test_set[:8]
+    assert prepared.model(x).shape == (8, 10)  # the model fits the data's inputs and classes
 
 
 # --- validation ------------------------------------------------------------------------------------------

@@ -25,6 +25,17 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def assert_drawn_png(path) -> tuple[int, int]:
+    """Asserts the PNG decodes to its header's size and is not blank; returns (width, height)."""
+    import matplotlib.image
+
+    width, height = png_size(path)
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (height, width)
+    assert image.std() > 0.05  # something is drawn on the white figure
+    return width, height
+
+
 ROWS = [
     {"method": "magnitude", "scope": "global", "sparsity": 0.5, "finetuned": False, "accuracy": 0.95},
     {"method": "magnitude", "scope": "global", "sparsity": 0.9, "finetuned": False, "accuracy": 0.70},
@@ -87,27 +98,23 @@ def test_print_table_never_crops_columns_in_a_file():
 
 
 def test_accuracy_plot_is_a_png(tmp_path):
-    import matplotlib.image
-
     path = plots.plot_accuracy_vs_sparsity(ROWS, tmp_path / "acc.png", dense_accuracy=0.97)
-    width, height = png_size(path)
+    width, height = assert_drawn_png(path)
     assert width > 400 and height > 300
-    image = matplotlib.image.imread(path)
-    assert image.shape[:2] == (height, width)
-    assert image.std() > 0.05  # something is drawn
 
 
 def test_accuracy_plot_accepts_zero_sparsity(tmp_path):
     rows = [dict(r, sparsity=0.0) for r in ROWS[:1]] + ROWS[1:2]
     path = plots.plot_accuracy_vs_sparsity(rows, tmp_path / "acc0.png")  # no logit axis with 0
-    assert png_size(path)[0] > 0
+    width, height = assert_drawn_png(path)
+    assert width > 400 and height > 300
 
 
 def test_layer_plot_grows_with_the_number_of_layers(tmp_path):
     small = plots.plot_layer_sparsity({"fc1.weight": 0.8, "fc2.weight": 0.95}, tmp_path / "a.png")
     many = {f"layer{i}.weight": i / 20 for i in range(12)}
     large = plots.plot_layer_sparsity(many, tmp_path / "b.png")
-    assert png_size(large)[1] > png_size(small)[1]
+    assert assert_drawn_png(large)[1] > assert_drawn_png(small)[1]
 
 
 def test_missing_matplotlib_says_what_to_install(monkeypatch):

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_structured_speedup_benchmark_smoke_run(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "structured_speedup.py"), "--models", "resnet8", "--ratios", "0.5",

@@ -85,8 +85,12 @@ class Granularity:
         return self.name
 
 
+GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")
+
+
+@GRANULARITIES.register("element", "single weights (unstructured)")
 class Element(Granularity):
-    name = "element"
+    """Single weights: every entry is its own group (unstructured)."""
 
     def _groups(self, target: Target) -> int:
         return target.numel()
@@ -109,10 +113,9 @@ def _need_dims(target: Target, ndim: int, what: str) -> None:
         )
 
 
+@GRANULARITIES.register("vector", "1-D rows along the last dim: a Linear's output-neuron rows, a conv kernel's rows")
 class Vector(Granularity):
     """1-D vectors along the last dimension: a Linear's rows (one output neuron's fan-in), a conv kernel's rows."""
-
-    name = "vector"
 
     def check(self, target: Target) -> None:
         _need_dims(target, 2, "vector")
@@ -121,10 +124,9 @@ class Vector(Granularity):
         return target.numel() // target.shape[-1]
 
 
+@GRANULARITIES.register("column", "input units: a Linear's columns, a conv's input channels")
 class Column(Granularity):
     """Everything that reads one input unit: a Linear's columns (input neurons), a conv's input channels."""
-
-    name = "column"
 
     def check(self, target: Target) -> None:
         _need_dims(target, 2, "column")
@@ -136,10 +138,9 @@ class Column(Granularity):
         return target.shape[target.in_dim]
 
 
+@GRANULARITIES.register("kernel", "k x k kernels of a convolution")
 class Kernel(Granularity):
     """One k x k kernel of a convolution (a filter's slice for one input channel)."""
-
-    name = "kernel"
 
     def check(self, target: Target) -> None:
         _need_dims(target, 3, "kernel")
@@ -148,11 +149,10 @@ class Kernel(Granularity):
         return target.shape[0] * target.shape[1]
 
 
+@GRANULARITIES.register("channel", "whole filters / output neurons, as masks")
 class Channel(Granularity):
     """Whole output units: a conv filter, a Linear's output neuron (as masks; see ``prunekit.structured``
     for physical removal)."""
-
-    name = "channel"
 
     def _moved(self, target: Target) -> int:
         return target.out_dim
@@ -161,6 +161,7 @@ class Channel(Granularity):
         return target.shape[target.out_dim]
 
 
+@GRANULARITIES.register("n:m", "at most N non-zeros per M consecutive inputs, e.g. '2:4', '4:8' (semi-structured)")
 class NM(Granularity):
     """At most N non-zeros in every M consecutive weights along the input dimension (2:4 for sparse tensor
     cores). For a convolution the blocks run along input channels at each kernel position."""
@@ -211,14 +212,6 @@ class NM(Granularity):
             keep &= self.to_groups(kept, target)
         return self.from_groups(keep, target)
 
-
-GRANULARITIES: Registry[type[Granularity]] = Registry("granularity")
-GRANULARITIES.add("element", Element, "single weights (unstructured)")
-GRANULARITIES.add("vector", Vector, "1-D rows along the last dim: a Linear's output-neuron rows, a conv kernel's rows")
-GRANULARITIES.add("column", Column, "input units: a Linear's columns, a conv's input channels")
-GRANULARITIES.add("kernel", Kernel, "k x k kernels of a convolution")
-GRANULARITIES.add("channel", Channel, "whole filters / output neurons, as masks")
-GRANULARITIES.add("n:m", NM, "at most N non-zeros per M consecutive inputs, e.g. '2:4', '4:8' (semi-structured)")
 
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 

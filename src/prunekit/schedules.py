@@ -40,6 +40,10 @@ class Schedule:
         return self.prune_steps()[-1]
 
 
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule")
+
+
+@SCHEDULES.register("oneshot", "OneShot(sparsity, at=0): everything at one step")
 class OneShot(Schedule):
     """Everything at once, at step ``at``."""
 
@@ -60,6 +64,7 @@ class OneShot(Schedule):
         return f"OneShot(sparsity={self.final}, at={self.step})"
 
 
+@SCHEDULES.register("iterative", "Iterative(final, steps, every, start=0): 1 - (1 - final)^(k/steps) after k events")
 class Iterative(Schedule):
     """``steps`` prune events, ``every`` steps apart from ``start``; after the k-th of n the sparsity is
     ``1 - (1 - final) ** (k / n)``: each event removes the same fraction of what remains (Han et al. 2015,
@@ -91,6 +96,7 @@ class Iterative(Schedule):
         return f"Iterative(final={self.final}, steps={self.steps}, every={self.every}, start={self.start})"
 
 
+@SCHEDULES.register("agp", "AGP(initial, final, start, end, every): cubic ramp of Zhu & Gupta 2017")
 class AGP(Schedule):
     """Automated gradual pruning (Zhu & Gupta 2017): at prune step t = start + k * every,
     s_t = final + (initial - final) * (1 - (t - start) / (end - start)) ** 3; the value holds between
@@ -128,12 +134,6 @@ class AGP(Schedule):
             f"AGP(initial={self.initial}, final={self.final}, start={self.start}, "
             f"end={self.end}, every={self.every})"
         )
-
-
-SCHEDULES: Registry[type[Schedule]] = Registry("schedule")
-SCHEDULES.add("oneshot", OneShot, "OneShot(sparsity, at=0): everything at one step")
-SCHEDULES.add("iterative", Iterative, "Iterative(final, steps, every, start=0): 1 - (1 - final)^(k/steps) after k events")
-SCHEDULES.add("agp", AGP, "AGP(initial, final, start, end, every): cubic ramp of Zhu & Gupta 2017")
 
 
 def get_schedule(name: str | Schedule, **kwargs) -> Schedule:

@@ -225,16 +225,22 @@ class Scope:
             yield cut.prune_mask(layer)
 
 
-class Local(Scope):
-    def cuts(self, layers, sparsity, cap):
-        return per_layer_cuts(layers, [sparsity] * len(layers), cap)
+SCOPES: Registry[type[Scope]] = Registry("scope")
 
 
+@SCOPES.register("global", "one threshold over all targets (exact, memory-light radix select)")
 class Global(Scope):
     def cuts(self, layers, sparsity, cap):
         return _global(layers, sparsity, cap)
 
 
+@SCOPES.register("local", "every target to the same sparsity (uniform)")
+class Local(Scope):
+    def cuts(self, layers, sparsity, cap):
+        return per_layer_cuts(layers, [sparsity] * len(layers), cap)
+
+
+@SCOPES.register("lamp", "global ranking of layer-adaptive magnitude scores (Lee et al. 2021)")
 class Lamp(Scope):
     def ranked(self, layers):
         # LAMP scores need a sort per layer: compute them once, then rank them globally.
@@ -247,6 +253,7 @@ class Lamp(Scope):
         return _global(layers, sparsity, cap)
 
 
+@SCOPES.register("erk", "Erdős–Rényi-Kernel per-layer densities, prop. to sum(shape)/prod(shape) (Evci et al. 2020)")
 class Erk(Scope):
     def cuts(self, layers, sparsity, cap):
         return per_layer_cuts(layers, erk_sparsities([l.shape for l in layers], sparsity), cap)
@@ -277,13 +284,6 @@ class PerLayer(Scope):
 
     def cuts(self, layers, sparsity, cap):
         return per_layer_cuts(layers, self.sparsities([l.name for l in layers], sparsity), cap)
-
-
-SCOPES: Registry[type[Scope]] = Registry("scope")
-SCOPES.add("global", Global, "one threshold over all targets (exact, memory-light radix select)")
-SCOPES.add("local", Local, "every target to the same sparsity (uniform)")
-SCOPES.add("lamp", Lamp, "global ranking of layer-adaptive magnitude scores (Lee et al. 2021)")
-SCOPES.add("erk", Erk, "Erdős–Rényi-Kernel per-layer densities, prop. to sum(shape)/prod(shape) (Evci et al. 2020)")
 
 
 def get_scope(scope: str | Mapping[str, float] | Scope) -> Scope:

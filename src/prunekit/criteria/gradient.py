@@ -17,7 +17,6 @@ from .base import CRITERIA, Criterion, require
 class GradAbs(Criterion):
     """``mean_b |g_b|``: how strongly the loss reacts to the weight, whatever its value."""
 
-    name = "grad_abs"
     needs = frozenset({"grad_abs"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
@@ -29,7 +28,6 @@ class WeightGradAbs(Criterion):
     """``mean_b |w g_b|``: the L1 norm of weight times gradient (the seeds' "gradient magnitude pruning";
     for one batch it ranks as ``taylor`` does)."""
 
-    name = "weight_grad_abs"
     needs = frozenset({"grad_abs"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
@@ -43,7 +41,6 @@ class Taylor(Criterion):
     loss change when ``w`` is zeroed, averaged over batches: ``w^2 mean_b g_b^2``. ``pk.structured``'s
     ``taylor`` is the same saliency for a channel, ``(sum over its weights of w g)^2``."""
 
-    name = "taylor"
     needs = frozenset({"grad_sq"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
@@ -62,7 +59,6 @@ class OptimalBrainDamage(Criterion):
     predictive distribution matches the labels, the Fisher equals the Hessian (LeCun used a Gauss-Newton
     diagonal computed by back-propagation; both drop the second-derivative-of-the-network term)."""
 
-    name = "obd"
     needs = frozenset({"fisher"})
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
@@ -72,7 +68,6 @@ class OptimalBrainDamage(Criterion):
 
 @CRITERIA.register("movement", "-sum w g over fine-tuning steps: weights moving toward zero go (Sanh et al. 2020)")
 class Movement(Criterion):
-    name = "movement"
     needs = frozenset({"movement"})
     signed = True
 

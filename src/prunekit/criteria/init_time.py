@@ -32,7 +32,6 @@ class SNIP(Criterion):
     layers sum to 1 (it does not change which weights go, only the numbers).
     """
 
-    name = "snip"
     needs = frozenset({"grad_abs"})
     default_batches = 1
 
@@ -109,8 +108,6 @@ class SynFlow(Criterion):
             ``data=`` (only its shape is used), or from the first layer when it is a Linear.
         rounds: pruning rounds.
     """
-
-    name = "synflow"
 
     def __init__(self, input_shape: Sequence[int] | None = None, rounds: int = 100) -> None:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:

@@ -12,7 +12,7 @@ from .base import CRITERIA, Criterion
 
 @CRITERIA.register("magnitude", "|w|: smallest weights go first (Han et al. 2015); group norms via group_norm")
 class Magnitude(Criterion):
-    name = "magnitude"
+    """``|w|``: the weight's magnitude."""
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
         return target.value.detach().abs()
@@ -20,7 +20,7 @@ class Magnitude(Criterion):
 
 @CRITERIA.register("random", "uniform random scores, seeded: the baseline every method must beat")
 class Random(Criterion):
-    name = "random"
+    """Uniform random scores, the same for the same seed and layer."""
 
     def score(self, target: Target, stats: TargetStatistics | None, *, seed: int = 0, index: int = 0) -> Tensor:
         # One generator per (seed, layer) so the same call always draws the same scores, in any pass.

@@ -212,8 +212,6 @@ class OBS(Criterion):
     change, so a later fine-tuning starts from the compensated weights.
     """
 
-    name = "obs"
-
     def __init__(self, damp: float = 0.01, rounds: int = 4, max_batches: int | None = None,
                  max_inputs: int = 4096) -> None:
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 <= damp < 1.0:

@@ -35,8 +35,6 @@ class HanThreshold(Criterion):
     """``|w| / (quality * std(layer))``; with ``scope="threshold"`` exactly Han et al.'s rule
     ``|w| < quality * std``. The std is that of the layer's weights still kept (all of them at first)."""
 
-    name = "han"
-
     def __init__(self, quality: float = 1.0) -> None:
         if isinstance(quality, bool) or not isinstance(quality, (int, float)) or not quality > 0:
             raise ValueError(f"quality must be a positive number, got {quality!r}")
@@ -55,6 +53,7 @@ class HanThreshold(Criterion):
         return f"HanThreshold(quality={self.quality:g})"
 
 
+@SCOPES.register("threshold", "prune every score below 1 (with method 'han': |w| < q std, Han et al. 2015); no sparsity")
 class Threshold(Scope):
     """Prune every group whose score is below ``cut``; the sparsity argument is not used (it follows from
     the rule). ``max_layer_sparsity`` still caps each layer (the lowest scores go first)."""
@@ -70,6 +69,3 @@ class Threshold(Scope):
             below = int((layer.scores().reshape(-1) < self.cut).sum())
             out.append(kth_cut([layer], min(below, cap_count(cap, layer.num_groups)))[0])
         return out
-
-
-SCOPES.add("threshold", Threshold, "prune every score below 1 (with method 'han': |w| < q std, Han et al. 2015); no sparsity")

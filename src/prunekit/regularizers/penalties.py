@@ -151,8 +151,12 @@ class Penalty:
         return f"{type(self).__name__}(strength={self.strength}, targets={len(self.targets)})"
 
 
+PENALTIES: Registry[type[Penalty]] = Registry("penalty")
+
+
+@PENALTIES.register("l1", "lambda sum |w|; prox: soft threshold")
 class L1(Penalty):
-    name = "l1"
+    """``sum |w|``; its proximal step is the soft threshold."""
 
     def term(self, weight, target):
         return weight.abs().sum()
@@ -161,8 +165,9 @@ class L1(Penalty):
         return soft_threshold(weight, t)
 
 
+@PENALTIES.register("l2", "lambda/2 sum w^2; prox: shrink by 1/(1 + t)")
 class L2(Penalty):
-    name = "l2"
+    """``1/2 sum w^2`` (weight decay); its proximal step shrinks by ``1 / (1 + t)``."""
 
     def term(self, weight, target):
         return 0.5 * weight.square().sum()
@@ -171,10 +176,9 @@ class L2(Penalty):
         return weight / (1.0 + t)
 
 
+@PENALTIES.register("elastic_net", "a L1 + (1 - a) L2 (Zou & Hastie 2005)")
 class ElasticNet(Penalty):
     """``a * L1 + (1 - a) * L2`` with ``a = l1_ratio`` (Zou & Hastie 2005)."""
-
-    name = "elastic_net"
 
     def __init__(self, model, strength=1e-4, *, l1_ratio: float = 0.5, targets=None, exclude=()) -> None:
         self.l1_ratio = _check_ratio(l1_ratio)
@@ -189,10 +193,10 @@ class ElasticNet(Penalty):
         return soft_threshold(weight, t * a) / (1.0 + t * (1.0 - a))
 
 
+@PENALTIES.register("group_lasso", "sum_g sqrt(p_g) ||w_g||_2 over neurons/channels (Yuan & Lin 2006, Wen et al. 2016)")
 class GroupLasso(Penalty):
     """Sum over groups of sqrt(group size) * L2 norm (Yuan & Lin 2006; Wen et al. 2016 for channels)."""
 
-    name = "group_lasso"
     grouped = True
 
     def __init__(
@@ -234,11 +238,10 @@ class GroupLasso(Penalty):
         return self.granularity.from_groups(norms[:, None].expand_as(groups), target)
 
 
+@PENALTIES.register("sparse_group_lasso", "a L1 + (1 - a) group lasso (Simon et al. 2013)")
 class SparseGroupLasso(GroupLasso):
     """``a * L1 + (1 - a) * group lasso`` (Simon et al. 2013; Scardapane et al. 2017): whole groups go
     and, within the groups that stay, single weights too. ``prune`` masks both."""
-
-    name = "sparse_group_lasso"
 
     def __init__(
         self, model, strength=1e-4, *, l1_ratio: float = 0.5, groups="channel", size_weighted=True,
@@ -257,14 +260,6 @@ class SparseGroupLasso(GroupLasso):
 
     def keep_mask(self, target, threshold):
         return super().keep_mask(target, threshold) & (target.value.detach().abs() > threshold)
-
-
-PENALTIES: Registry[type[Penalty]] = Registry("penalty")
-PENALTIES.add("l1", L1, "lambda sum |w|; prox: soft threshold")
-PENALTIES.add("l2", L2, "lambda/2 sum w^2; prox: shrink by 1/(1 + t)")
-PENALTIES.add("elastic_net", ElasticNet, "a L1 + (1 - a) L2 (Zou & Hastie 2005)")
-PENALTIES.add("group_lasso", GroupLasso, "sum_g sqrt(p_g) ||w_g||_2 over neurons/channels (Yuan & Lin 2006, Wen et al. 2016)")
-PENALTIES.add("sparse_group_lasso", SparseGroupLasso, "a L1 + (1 - a) group lasso (Simon et al. 2013)")
 
 
 def get_penalty(name: str, model: nn.Module, **kwargs) -> Penalty:

@@ -256,13 +256,14 @@ class DependencyGraph:
         raise ValueError(f"example_inputs give no value for the model's argument {name!r}")
 
     # --- queries --------------------------------------------------------------------------------
-    def _check_fresh(self) -> None:
+    def check_fresh(self) -> None:
+        """Raise ``RuntimeError`` when surgery has changed the model since this graph was built."""
         if self.stale:
             raise RuntimeError("this DependencyGraph describes the model before surgery; build a new one")
 
     def groups(self) -> list[Group]:
         """The prunable groups, in model order (by the first parameter they touch)."""
-        self._check_fresh()
+        self.check_fresh()
         if self._groups is None:
             self._groups = self._build_groups()
         return self._groups

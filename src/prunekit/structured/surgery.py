@@ -72,7 +72,7 @@ def remove_channels(graph: DependencyGraph, removal: Mapping[int, Tensor]) -> li
     indices every tensor keeps, every layer's new input size) is computed and checked first; if a step of
     the change itself raises, the model is restored exactly (see undo.py) and the error propagates.
     """
-    graph._check_fresh()
+    graph.check_fresh()
     removed = _removed_components(graph, removal)
     if removed.numel() == 0:
         return []

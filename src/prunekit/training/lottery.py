@@ -26,13 +26,7 @@ from .. import masking
 from ..distributed import unwrap
 from ..pruning import PruneReport, PruningSpec, prune
 from ..scope import Scope
-from .rewinding import (
-    Checkpoint,
-    _named_buffers,
-    _named_raw_parameters,
-    capture,
-    rewind_weights,
-)
+from .rewinding import Checkpoint, capture, named_checkpoint_buffers, named_raw_parameters, rewind_weights
 
 __all__ = ["LotteryTicket", "LotteryRound", "reinitialize"]
 
@@ -163,15 +157,15 @@ def reinitialize(model: nn.Module, seed: int | None = 0, factory: Callable[[], n
     the draw (the global RNG is left as it was); ``None`` draws from the global RNG.
     """
     model = unwrap(model)
-    params = _named_raw_parameters(model)
-    buffers = _named_buffers(model)
+    params = named_raw_parameters(model)
+    buffers = named_checkpoint_buffers(model)
     fresh: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         if factory is not None:
             new = factory()
-            fresh = {**_named_raw_parameters(new), **_named_buffers(new)}
+            fresh = {**named_raw_parameters(new), **named_checkpoint_buffers(new)}
             missing = [n for n in params if n not in fresh]
             if missing:
                 raise ValueError(f"the factory's model has no {', '.join(missing)}: it is not the same architecture")

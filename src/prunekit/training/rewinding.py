@@ -31,7 +31,16 @@ from torch import Tensor, nn
 from .. import masking
 from ..distributed import unwrap
 
-__all__ = ["Checkpoint", "capture", "rewind", "rewind_weights", "rewind_learning_rate", "replay_schedule"]
+__all__ = [
+    "Checkpoint",
+    "capture",
+    "rewind",
+    "rewind_weights",
+    "rewind_learning_rate",
+    "replay_schedule",
+    "named_raw_parameters",
+    "named_checkpoint_buffers",
+]
 
 _OPTIMIZER_STATES = ("reset", "keep")
 
@@ -50,7 +59,7 @@ class Checkpoint:
         return f"Checkpoint(step={self.step}, weights={len(self.weights)}, buffers={len(self.buffers)})"
 
 
-def _named_raw_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+def named_raw_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter once, by its user-facing name, as stored (before any mask)."""
     return {
         owners[0].qualified_name: masking.raw_parameter(owners[0].module, owners[0].param_name)
@@ -58,7 +67,8 @@ def _named_raw_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def _named_buffers(model: nn.Module) -> dict[str, Tensor]:
+def named_checkpoint_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Every buffer a checkpoint rewinds, by full name: persistent or not, masks excepted."""
     out = {}
     for module_name, module in model.named_modules():
         if isinstance(module, masking.PruningMask):
@@ -80,8 +90,8 @@ def capture(
     """Copy the model's raw parameters (and buffers, and the learning-rate state) at ``step``."""
     model = unwrap(model)
     with torch.no_grad():
-        weights = {name: p.detach().clone() for name, p in _named_raw_parameters(model).items()}
-        saved_buffers = {name: b.detach().clone() for name, b in _named_buffers(model).items()} if buffers else {}
+        weights = {name: p.detach().clone() for name, p in named_raw_parameters(model).items()}
+        saved_buffers = {name: b.detach().clone() for name, b in named_checkpoint_buffers(model).items()} if buffers else {}
     groups = None
     if optimizer is not None:
         groups = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
@@ -97,8 +107,8 @@ def rewind_weights(model: nn.Module, checkpoint: Checkpoint, *, strict: bool = T
     checkpoint (``strict``) or a shape that changed raises ``ValueError``.
     """
     model = unwrap(model)
-    params = _named_raw_parameters(model)
-    bufs = _named_buffers(model)
+    params = named_raw_parameters(model)
+    bufs = named_checkpoint_buffers(model)
     missing = [n for n in params if n not in checkpoint.weights]
     if strict and missing:
         raise ValueError(f"the checkpoint has no values for {', '.join(missing)} (added after it was taken?)")

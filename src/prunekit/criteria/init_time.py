@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..masking import raw_parameter
 from ..statistics import TargetStatistics
 from ..targets import Target
 from .base import CRITERIA, Criterion, require
@@ -124,8 +125,6 @@ class SynFlow(Criterion):
                 "synflow needs the input shape: pass data= (only its shape is used) or "
                 "method=SynFlow(input_shape=(C, H, W))"
             )
-        from ..masking import raw_parameter
-
         twin = copy.deepcopy(model).double().eval()
         with torch.no_grad():
             for tensor in [*twin.parameters(), *twin.buffers()]:

@@ -14,19 +14,15 @@ import torch
 
 import prunekit as pk
 from prunekit.data import digits, evaluate, loaders, train
-from prunekit.models import LeNet300100
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    train_set, test_set = digits()
-    train_loader, test_loader = loaders(train_set, test_set, batch_size=64, seed=0)
-    model = LeNet300100()
-    train(model, train_loader, epochs=15, lr=1e-3)
-    return model, train_loader, test_loader, evaluate(model, test_loader)
+def setup(lenet_digits):
+    """The session's trained LeNet-300-100 (the tests copy it before changing it), loaders and its accuracy."""
+    train_loader, test_loader = loaders(*digits(), batch_size=64, seed=0)
+    return lenet_digits.model, train_loader, test_loader, lenet_digits.accuracy
 
 
 def test_dense_baseline_is_a_real_classifier(setup):

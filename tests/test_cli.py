@@ -1,5 +1,7 @@
 """The ``prunekit`` command."""
 
+import json
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -33,24 +35,52 @@ def write(folder, recipe, name="recipe.yaml"):
     return path
 
 
-def test_methods_lists_every_registry(capsys):
-    assert cli.main(["methods"]) == 0
-    out = capsys.readouterr().out
-    for name in ("magnitude", "random", "taylor", "obd", "global", "local", "lamp", "erk",
-                 "element", "channel", "n:m", "oneshot", "iterative", "agp"):
-        assert name in out
-    assert "2:4" in out
-    for heading in ("Methods", "Granularities", "Scopes", "Schedules"):
-        assert heading in out
+def listed_sections(out: str) -> dict[str, dict[str, str]]:
+    """``prunekit methods``'s output as {section: {name: description}} (wrapped cells joined)."""
+    sections: dict[str, dict[str, str]] = {}
+    rows = None
+    name = None
+    heading = False
+    for line in out.splitlines():
+        if line.strip() == "" or set(line.strip()) == {"─"}:
+            continue
+        if not line.startswith(" "):
+            if not heading:  # a heading (the next unindented line, if any, is its wrapped rest)
+                rows = sections.setdefault(line.split(":")[0].strip(), {})
+            heading = True
+            continue
+        heading = False
+        cells = re.match(r"^ (\S(?:.*?\S)?)\s{2,}(\S.*?)\s*$", line)
+        if cells and cells.group(1) != "name":
+            name = cells.group(1)
+            rows[name] = cells.group(2)
+        elif not cells and name is not None:  # a wrapped description
+            rows[name] += " " + line.strip()
+    return sections
 
 
-def test_methods_lists_the_registries_descriptions(capsys):
+def test_methods_lists_every_registry_with_its_description(capsys):
     from prunekit.criteria import CRITERIA
+    from prunekit.granularity import GRANULARITIES
+    from prunekit.llm.methods import LLM_METHODS
+    from prunekit.schedules import SCHEDULES
+    from prunekit.scope import SCOPES
+    from prunekit.structured.criteria import GROUP_CRITERIA
 
-    cli.main(["methods"])
-    out = capsys.readouterr().out
-    for name, description in CRITERIA.items():
-        assert description[:30] in out
+    assert cli.main(["methods"]) == 0
+    sections = listed_sections(capsys.readouterr().out)
+    expected = {
+        "Methods": dict(CRITERIA.items()),
+        "Granularities": dict(GRANULARITIES.items()),
+        "Scopes": {**dict(SCOPES.items()), "{pattern: sparsity}":
+                   "explicit sparsity per layer name or glob (a mapping instead of a name)"},
+        "Schedules": dict(SCHEDULES.items()),
+        "LLM one-shot methods (prunekit.llm.prune, prunekit llm --method)": dict(LLM_METHODS.items()),
+        "Structured methods": dict(GROUP_CRITERIA.items()),
+    }
+    assert sections == expected
+    assert {"magnitude", "taylor", "obd"} <= sections["Methods"].keys() and "n:m" in sections["Granularities"]
+    assert "'2:4'" in sections["Granularities"]["n:m"]
 
 
 def test_version(capsys):
@@ -91,9 +121,14 @@ def test_missing_recipe_file(tmp_path, capsys):
 
 def test_summary_prints_the_layers(tmp_path, capsys):
     assert cli.main(["summary", str(write(tmp_path, TINY))]) == 0
-    out = capsys.readouterr().out
-    for name in ("fc1", "fc2", "fc3", "total", "Params", "FLOPs"):
-        assert name in out
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines() if "│" in line]
+    # LeNet-300-100 on 64 inputs: params = in*out + out, FLOPs = 2*in*out per sample, nothing pruned yet
+    assert rows == [
+        ["fc1", "Linear", "300×64", "19.5K", "19.5K", "0.0%", "38.4K", "38.4K"],
+        ["fc2", "Linear", "100×300", "30.1K", "30.1K", "0.0%", "60.0K", "60.0K"],
+        ["fc3", "Linear", "10×100", "1.0K", "1.0K", "0.0%", "2.0K", "2.0K"],
+        ["total", "", "", "50.6K", "50.6K", "0.0%", "100.4K", "100.4K"],
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -101,8 +136,12 @@ def test_prune_runs_a_recipe(tmp_path, capsys):
     out = tmp_path / "elsewhere"
     assert cli.main(["prune", str(write(tmp_path, TINY)), "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    printed = captured.out
-    assert "accuracy" in printed and "50.0%" in printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r[0]: r[1:] for r in (re.split(r"\s{2,}", line.strip()) for line in captured.out.splitlines())}
+    before, after = results["before"], results["after"]
+    assert rows["accuracy"] == [f"{100 * before['accuracy']:.1f}%", f"{100 * after['accuracy']:.1f}%"]
+    assert rows["sparsity"] == ["-", "50.0%"]
+    assert rows["compression"] == ["1.0×", f"{after['compression_ratio']:.1f}×"] == ["1.0×", "2.0×"]
     assert "training for 1 epoch\n" in captured.err  # not "1 epochs"
     assert (out / "model.safetensors").is_file() and (out / "results.json").is_file()
     assert not (tmp_path / "out").exists()  # --out wins over output.dir

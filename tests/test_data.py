@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from prunekit import data
-from prunekit.models import LeNet300100, TinyMLP, resnet8, vgg_small
+from prunekit.models import TinyMLP, resnet8, vgg_small
 
 torch.set_num_threads(1)
 
@@ -273,14 +273,10 @@ def test_train_restores_training_mode():
 # --------------------------------------------------------------------------------- learning checks
 
 
-def test_lenet300100_learns_digits():
-    torch.manual_seed(0)
-    train, test = data.digits()
-    train_loader, test_loader = data.loaders(train, test, batch_size=64, seed=0)
-    model = LeNet300100(in_features=64, num_classes=10)
-    steps = data.train(model, train_loader, epochs=15, lr=1e-3)
-    assert steps == 15 * 23
-    assert data.evaluate(model, test_loader) > 0.93
+def test_lenet300100_learns_digits(lenet_digits, digits_loaders):
+    # the session's LeNet-300-100 (tests/conftest.py): 15 epochs of 23 batches of 64 (1437 training images)
+    assert lenet_digits.steps == 15 * 23
+    assert lenet_digits.accuracy == data.evaluate(lenet_digits.model, digits_loaders[1]) > 0.93
 
 
 @pytest.mark.parametrize("factory", [resnet8, vgg_small], ids=["resnet8", "vgg_small"])

@@ -107,18 +107,13 @@ def test_obs_through_the_pruner():
 
 
 @pytest.mark.slow
-def test_obs_beats_magnitude_one_shot_on_digits():
-    from prunekit.data import digits, evaluate, loaders, train
-    from prunekit.models import LeNet300100
-
-    train_set, test_set = digits()
-    train_loader, test_loader = loaders(train_set, test_set, seed=0)
-    torch.manual_seed(0)
-    model = LeNet300100(in_features=64)
-    train(model, train_loader, epochs=8)
+def test_obs_beats_magnitude_one_shot_on_digits(lenet_digits, digits_loaders):
     import copy
 
-    magnitude, obs = copy.deepcopy(model), copy.deepcopy(model)
+    from prunekit.data import evaluate
+
+    train_loader, test_loader = digits_loaders
+    magnitude, obs = copy.deepcopy(lenet_digits.model), copy.deepcopy(lenet_digits.model)
     pk.prune(magnitude, 0.9, method="magnitude", scope="local")
     pk.prune(obs, 0.9, method="obs", scope="local", data=train_loader)
     assert evaluate(obs, test_loader) > evaluate(magnitude, test_loader) + 0.05

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .modules import eval_mode
 from .targets import Target
 
-__all__ = ["TargetStatistics", "collect_gradient_statistics", "batch_loss", "move_to"]
+__all__ = ["TargetStatistics", "collect_gradient_statistics", "batch_loss", "split_batch", "move_to"]
 
 LossFn = Callable[..., Tensor]
 
@@ -76,6 +76,21 @@ def move_to(obj, device: torch.device):
     if isinstance(obj, (tuple, list)):
         return type(obj)(move_to(v, device) for v in obj)
     return obj
+
+
+def split_batch(batch: object) -> tuple[tuple, dict, Tensor | None]:
+    """(args, kwargs, labels) of a calibration batch: ``(inputs, labels)``, a tensor, or a dict."""
+    if isinstance(batch, Mapping):
+        kwargs = dict(batch)
+        labels = kwargs.pop("labels", None)
+        return (), kwargs, labels
+    if isinstance(batch, Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, Sequence) and len(batch) == 2:
+        inputs, labels = batch
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        return args, {}, labels if isinstance(labels, Tensor) else None
+    raise TypeError(f"a calibration batch must be (inputs, labels), a tensor or a dict, got {type(batch).__name__}")
 
 
 def batch_loss(model: nn.Module, batch, loss_fn: LossFn | None = None) -> Tensor:

@@ -19,7 +19,7 @@ the inputs and re-scoring with each row's reduced inverse Hessian before each: O
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import islice
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..modules import eval_mode
-from ..statistics import TargetStatistics, move_to
+from ..statistics import TargetStatistics, move_to, split_batch
 from ..targets import Target
 from .base import CRITERIA, Criterion
 
@@ -77,19 +77,6 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _forward(model: nn.Module, batch, device: torch.device) -> None:
-    batch = move_to(batch, device)
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, Tensor):
-        model(batch)
-    elif isinstance(batch, Sequence) and len(batch) == 2:
-        inputs = batch[0]
-        model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-    else:
-        raise TypeError(f"obs: a batch must be inputs, (inputs, labels) or a dict, got {type(batch).__name__}")
-
-
 def input_hessians(model: nn.Module, targets: Sequence[Target], data: Iterable, max_batches: int | None = None
                    ) -> dict[str, Tensor]:
     """``{target name: 2 X X^T / n}`` (float64) of every target's inputs over the batches of ``data``,
@@ -111,7 +98,8 @@ def input_hessians(model: nn.Module, targets: Sequence[Target], data: Iterable, 
         seen = 0
         with eval_mode(model), torch.no_grad():
             for batch in islice(data, max_batches):
-                _forward(model, batch, device)
+                args, kwargs, _ = split_batch(move_to(batch, device))
+                model(*args, **kwargs)
                 seen += 1
         if seen == 0:
             raise ValueError("obs: the calibration data yielded no batch")

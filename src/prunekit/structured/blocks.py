@@ -26,9 +26,8 @@ from torch import Tensor, nn
 
 from ..modules import call_model, eval_mode, replace_module, split_inputs
 from ..registry import unknown_name_message
-from ..statistics import LossFn, batch_loss, move_to
+from ..statistics import LossFn, batch_loss, move_to, split_batch
 from .graph import FxTracer
-from .statistics import split_batch
 from .undo import all_or_nothing
 
 __all__ = ["RemovedBlock", "residual_blocks", "block_scores", "remove_blocks", "BLOCK_METHODS"]

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import eval_mode
-from ..statistics import move_to
+from ..statistics import move_to, split_batch
 
 __all__ = [
-    "TapStatistics", "collect_activation_statistics", "collect_output_statistics", "is_activation", "split_batch",
+    "TapStatistics", "collect_activation_statistics", "collect_output_statistics", "is_activation",
     "MEASURING_POINTS",
 ]
 
@@ -98,21 +98,6 @@ class TapStatistics:
             self.samples.append(moved.reshape(x.shape[0], -1, n).float().mean(1).cpu())
             if labels is not None:
                 self.labels.append(labels.reshape(-1).cpu())
-
-
-def split_batch(batch: Any) -> tuple[tuple, dict, Tensor | None]:
-    """(args, kwargs, labels) of a calibration batch: ``(inputs, labels)``, a tensor, or a dict."""
-    if isinstance(batch, Mapping):
-        kwargs = dict(batch)
-        labels = kwargs.pop("labels", None)
-        return (), kwargs, labels
-    if isinstance(batch, Tensor):
-        return (batch,), {}, None
-    if isinstance(batch, Sequence) and len(batch) == 2:
-        inputs, labels = batch
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return args, {}, labels if isinstance(labels, Tensor) else None
-    raise TypeError(f"a calibration batch must be (inputs, labels), a tensor or a dict, got {type(batch).__name__}")
 
 
 def _run_batches(model: nn.Module, data: Iterable, max_batches: int | None,

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
 
 __all__ = [
     "PruningMask",
@@ -530,8 +531,6 @@ def _names(model: nn.Module) -> set[str]:
 
 
 def _torch_pruned(module: nn.Module) -> list[str]:
-    from torch.nn.utils import prune as torch_prune
-
     names = []
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, torch_prune.PruningContainer):
@@ -544,8 +543,6 @@ def _torch_pruned(module: nn.Module) -> list[str]:
 def from_torch_prune(model: nn.Module) -> dict[str, Tensor]:
     """Convert every ``torch.nn.utils.prune`` reparametrization (``weight_orig``/``weight_mask``) into
     prunekit masks. The model computes exactly what it did before. Returns the masks converted."""
-    from torch.nn.utils import prune as torch_prune
-
     converted = {}
     for module_name, module in list(model.named_modules()):
         for pname in _torch_pruned(module):
@@ -559,8 +556,6 @@ def from_torch_prune(model: nn.Module) -> dict[str, Tensor]:
 def to_torch_prune(model: nn.Module) -> dict[str, Tensor]:
     """Convert every prunekit mask into ``torch.nn.utils.prune``'s form (``weight_orig`` and
     ``weight_mask``), for code that expects it. Tied parameters cannot be represented there."""
-    from torch.nn.utils import prune as torch_prune
-
     found = list(_masked(model))
     for name, owner_list, _ in found:
         if len(owner_list) > 1:

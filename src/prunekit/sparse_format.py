@@ -42,7 +42,6 @@ from torch import Tensor
 __all__ = [
     "encode",
     "decode",
-    "encoded_nbytes",
     "METADATA_KEY",
     "ENCODINGS",
     "pack_bits",
@@ -366,11 +365,3 @@ def decode(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[s
     except KeyError as error:
         raise ValueError(f"the sparse file lacks the tensor {error.args[0]!r}; it is truncated or corrupt") from None
     return out
-
-
-def encoded_nbytes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> int:
-    """Bytes of the safetensors file :func:`encode` makes of ``tensors``, header and ``metadata`` included."""
-    from safetensors.torch import save as safetensors_bytes
-
-    encoded, meta = encode(tensors)
-    return len(safetensors_bytes(encoded, metadata={**(metadata or {}), **meta}))

@@ -24,15 +24,14 @@ from .fileio import atomic_folder, ensure_writable, folder_lock
 __all__ = ["RunOutput", "check_output_folder", "OUTPUT_FILES"]
 
 #: the files by which an existing folder is recognised as an earlier prunekit output (safe to replace)
-OUTPUT_FILES = ("results.json", "report.html")
+OUTPUT_FILES = ("results.json", "report.html", "prune_report.json")
 
 
 def check_output_folder(out: str | os.PathLike, option: str = "--out", keep: Iterable[str | os.PathLike] = ()) -> Path:
     """Check, before any work, that ``out`` can be written and replaced as a whole: it is not a file or
     a link, holds neither the current folder nor any of the files ``keep`` (the recipe being run), and,
-    when it exists with files in it, it is an earlier prunekit output (holding ``results.json`` or
-    ``report.html``). Creates its parent folder; raises ``ValueError`` (naming ``option``) or a one-line
-    ``OSError``."""
+    when it exists with files in it, it is an earlier prunekit output (holding one of :data:`OUTPUT_FILES`).
+    Creates its parent folder; raises ``ValueError`` (naming ``option``) or a one-line ``OSError``."""
     out = Path(out).expanduser()
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"{option}: {out} exists and is not a folder")

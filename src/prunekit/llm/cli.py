@@ -1,81 +1,205 @@
-"""``prunekit llm MODEL_DIR``: prune a local Hugging Face model in one shot and save it for ``transformers``.
+"""``prunekit llm MODEL_DIR``: prune a local Hugging Face model and save it as one model ``transformers`` loads.
 
-    prunekit llm MODEL_DIR --method wanda --sparsity 0.5 [--pattern 2:4] [--calib FILE ...] --out DIR
+    prunekit llm MODEL_DIR [--method sparsegpt] [--sparsity 0.5 | --pattern 2:4] [--blocks N] [--heads F]
+                 [--allocation owl] [--sequential] [--recovery lsq] [--calib FILE ...] --out DIR
 
-Loads the model and its tokenizer from the folder (never from the hub), draws calibration sequences
-from ``--calib`` files (default: the built-in standard-library docstrings), measures the held-out
-perplexity (causal LMs; for encoders, the cosine similarity of mean-pooled sentence embeddings to the
-dense model), prunes block by block with a progress bar, measures again, and writes ``DIR`` with
-``save_pretrained`` (safetensors; masks baked in), the tokenizer, ``prune_report.json`` and, with a
-pattern, ``model.nm.safetensors`` (the compact N:M format) with its size against the dense file.
+Loads the model and its tokenizer from the folder (never from the hub); draws calibration sequences from
+``--calib`` files (default: the built-in standard-library docstrings); measures the held-out perplexity
+(causal LMs; for encoders, the cosine similarity of mean-pooled sentence embeddings to the dense model);
+removes whole blocks (``--blocks``) and attention heads (``--heads``), then prunes the Linear layers
+block by block (``--sparsity``/``--pattern``; ``--sparsity 0`` skips that step); measures again; and
+replaces ``DIR`` as a whole with exactly: what ``save_pretrained`` writes (config, safetensors weights with
+the masks baked in as zeros) + the tokenizer + ``prune_report.json``, which records everything needed to
+reproduce both perplexities (text sources with SHA-256, token counts, window, batch, seeds, versions).
+The compact N:M file is written only on request (``--nm-out FILE``, outside the model folder).
+
+Every argument is checked, and the output folder too, before the model is loaded: a bad combination is
+one ``error:`` line and exit status 2, with nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from .._version import __version__
+from ..masking import sparsity as model_sparsity
+from ..outputs import RunOutput
+from ..render import Column, print_table, write_json
+from ..scope import check_sparsity
+from .allocation import ALLOCATIONS
+from .heads import HEAD_IMPORTANCE
+from .methods import LLM_METHODS, parse_pattern
+
 __all__ = ["add_parser", "run"]
+
+#: the defaults, chosen to fit a laptop CPU (see the README's measurement): 32 x 256 calibration tokens,
+#: evaluation one window at a time (the logits of a batch of windows over a 50k vocabulary were the old peak)
+DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_EVAL_BATCH = 32, 256, 1
+RECOVERY_CHOICES = ("lsq",)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``llm`` subcommand to the ``prunekit`` parser's subparsers."""
     p = sub.add_parser(
         "llm",
-        help="one-shot SparseGPT / Wanda / magnitude pruning of a local Hugging Face model",
-        description="Prune the Linear layers inside the blocks of a local Hugging Face model (no hub access) with "
-        "SparseGPT, Wanda or magnitude, unstructured or N:M; report perplexity (or, for encoders, embedding "
-        "similarity) before and after; save the result with save_pretrained.",
+        help="one-shot pruning of a local Hugging Face model: SparseGPT / Wanda / magnitude, N:M, heads, blocks",
+        description="Prune a local Hugging Face model (no hub access): remove whole blocks and attention heads, "
+        "then prune the Linear layers inside the blocks with SparseGPT, Wanda or magnitude, unstructured or N:M; "
+        "report perplexity (or, for encoders, embedding similarity) before and after; write one model that "
+        "transformers loads, plus prune_report.json.",
     )
     p.add_argument("model", metavar="MODEL_DIR", help="a local model folder (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda or magnitude (default: %(default)s)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction pruned per layer (default 0.5)")
-    p.add_argument("--pattern", default=None, metavar="N:M", help="N:M pattern, e.g. 2:4 or 4:8")
-    p.add_argument("--calib", action="append", default=None, metavar="FILE",
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder, replaced as a whole (a new or empty folder, or an earlier prunekit output)")
+    g = p.add_argument_group("unstructured / N:M pruning of the blocks' Linear layers")
+    g.add_argument("--method", default="sparsegpt", help="sparsegpt, wanda or magnitude (default: %(default)s)")
+    g.add_argument("--sparsity", type=float, default=None,
+                   help="fraction pruned per layer (default 0.5; 0 skips this step, for structured pruning only)")
+    g.add_argument("--pattern", default=None, metavar="N:M", help="N:M pattern, e.g. 2:4 or 4:8")
+    g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="layer name or glob to keep dense, e.g. '*.mlp.down_proj' (repeatable)")
+    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="sparsity per block: uniform, owl (outlier-weighted, Yin et al. 2024) or sensitivity "
+                   "(default: %(default)s)")
+    g.add_argument("--allocation-range", "--owl-lambda", type=float, default=None, metavar="LAMBDA",
+                   help="owl/sensitivity: block sparsities span sparsity +- LAMBDA (default 0.08)")
+    g.add_argument("--outlier-threshold", "--owl-m", type=float, default=None, metavar="M",
+                   help="owl: a score is an outlier above M times its block's mean (default 5)")
+    g.add_argument("--sequential", action="store_true",
+                   help="true sequential: each layer's statistics come from the already-pruned layers before it "
+                   "in its block (q/k/v, o, gate/up, down)")
+    g.add_argument("--recovery", default=None, choices=RECOVERY_CHOICES,
+                   help="lsq: layer-wise least squares on the calibration inputs after pruning (mask kept)")
+    g.add_argument("--recovery-steps", type=int, default=None, metavar="N", help="lsq steps (default 10)")
+    g.add_argument("--nm-out", default=None, metavar="FILE",
+                   help="with --pattern, also write the compact N:M file (values + 2-bit indices, "
+                   "prunekit.llm.load_nm) here; it must lie outside --out")
+    s = p.add_argument_group("structured pruning (physical removal, before the step above)")
+    s.add_argument("--blocks", type=int, default=None, metavar="N",
+                   help="remove N consecutive blocks (angular distance, Gromov et al. 2024)")
+    s.add_argument("--heads", type=float, default=None, metavar="FRACTION",
+                   help="remove this fraction of the attention heads (whole key/value groups under GQA)")
+    s.add_argument("--heads-scope", default="uniform", choices=("uniform", "global"),
+                   help="uniform: the same count in every block (plain transformers can load it when the new "
+                   "count divides the width); global: ranked across blocks (reload with prunekit.llm.load_model) "
+                   "(default: %(default)s)")
+    s.add_argument("--head-importance", default=None, choices=HEAD_IMPORTANCE,
+                   help="head scores: gradient (Michel et al. 2019; default for causal LMs) or magnitude "
+                   "(default for encoders, which have no language-modelling loss)")
+    d = p.add_argument_group("data and evaluation")
+    d.add_argument("--calib", action="append", default=None, metavar="FILE",
                    help="calibration text file (repeatable; default: built-in standard-library docstrings)")
-    p.add_argument("--samples", type=int, default=64, metavar="N", help="calibration sequences (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=512, metavar="L",
+    d.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                   help="calibration sequences (default: %(default)s)")
+    d.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="L",
                    help="tokens per calibration sequence and evaluation window (default: %(default)s, capped at "
                    "the model's maximum)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: %(default)s)")
-    p.add_argument("--eval", action="append", default=None, metavar="FILE",
+    d.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="calibration sequences per forward pass (default: %(default)s)")
+    d.add_argument("--eval", action="append", default=None, metavar="FILE",
                    help="held-out text file (repeatable; default: the built-in held-out split)")
-    p.add_argument("--eval-tokens", type=int, default=16384, metavar="N",
+    d.add_argument("--eval-tokens", type=int, default=16384, metavar="N",
                    help="held-out tokens for perplexity (default: %(default)s)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="layer name or glob to keep dense, e.g. '*.mlp.down_proj' (repeatable)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward pass")
-    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: MODEL_DIR)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    d.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH, metavar="B",
+                   help="evaluation windows per forward pass; each holds seq-len x vocabulary logits "
+                   "(default: %(default)s)")
+    d.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: MODEL_DIR)")
+    d.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    from ..scope import check_sparsity
-    from .methods import LLM_METHODS, parse_pattern
+# --- checks, all before any work ---------------------------------------------------------------------
 
-    LLM_METHODS.get(args.method)
+
+def _num_blocks(model_dir: Path) -> int | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError``/``FileNotFoundError`` naming the first problem; changes nothing."""
+    method = LLM_METHODS.get(args.method)
     nm = parse_pattern(args.pattern)
     if args.sparsity is not None:
         check_sparsity(args.sparsity, "--sparsity")
         if nm is not None and abs(args.sparsity - nm.sparsity) > 1e-9:
             raise ValueError(f"--pattern {nm.name} fixes the sparsity at {nm.sparsity:g}; leave --sparsity out")
-    for name in ("samples", "seq_len", "eval_tokens", "batch_size"):
+    for name in ("samples", "seq_len", "eval_tokens", "batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    unstructured = nm is not None or args.sparsity != 0
+    if not unstructured:
+        given = [flag for flag, on in (("--allocation", args.allocation != "uniform"), ("--sequential", args.sequential),
+                                       ("--recovery", args.recovery is not None), ("--exclude", bool(args.exclude)))
+                 if on]
+        if given:
+            raise ValueError(f"{given[0]} tunes the unstructured pruning, which --sparsity 0 skips")
+        if args.heads is None and args.blocks is None:
+            raise ValueError("--sparsity 0 without --heads or --blocks: nothing to prune")
+    if args.allocation != "uniform":
+        if nm is not None:
+            raise ValueError(f"--allocation {args.allocation} spreads unstructured sparsity; --pattern fixes it per layer")
+        if not method.needs_data:
+            raise ValueError(f"--allocation {args.allocation} needs calibration statistics; --method {args.method} uses none")
+    elif args.allocation_range is not None:
+        raise ValueError("--allocation-range is for --allocation owl or sensitivity")
+    if args.outlier_threshold is not None and args.allocation != "owl":
+        raise ValueError("--outlier-threshold is OWL's M: it needs --allocation owl")
+    if args.allocation_range is not None and not 0 < args.allocation_range < 1:
+        raise ValueError(f"--allocation-range must be in (0, 1), got {args.allocation_range:g}")
+    if args.outlier_threshold is not None and not args.outlier_threshold > 0:
+        raise ValueError(f"--outlier-threshold must be positive, got {args.outlier_threshold:g}")
+    if args.allocation != "uniform":
+        lam, s = 0.08 if args.allocation_range is None else args.allocation_range, 0.5 if args.sparsity is None else args.sparsity
+        if not (s - lam >= 0 and s + lam < 1):
+            raise ValueError(f"--sparsity {s:g} +- --allocation-range {lam:g} leaves [0, 1)")
+    if args.sequential and not method.needs_data:
+        raise ValueError(f"--sequential changes the calibration statistics; --method {args.method} uses none")
+    if args.recovery_steps is not None:
+        if args.recovery is None:
+            raise ValueError("--recovery-steps needs --recovery lsq")
+        if args.recovery_steps < 1:
+            raise ValueError(f"--recovery-steps must be >= 1, got {args.recovery_steps}")
+    if args.nm_out is not None and nm is None:
+        raise ValueError("--nm-out writes the compact N:M format: it needs --pattern")
+    if args.heads is not None and not 0 < args.heads < 1:
+        raise ValueError(f"--heads must be a fraction of the heads in (0, 1), got {args.heads:g}")
+    if args.head_importance is not None and args.heads is None:
+        raise ValueError("--head-importance needs --heads")
+    if args.heads_scope != "uniform" and args.heads is None:
+        raise ValueError("--heads-scope needs --heads")
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a Hugging Face model folder (no config.json)")
+    if args.blocks is not None:
+        total = _num_blocks(model)
+        if args.blocks < 1 or (total is not None and args.blocks >= total):
+            limit = f"[1, {total - 1}]" if total is not None else ">= 1"
+            raise ValueError(f"--blocks must be in {limit} (the model has {total} blocks), got {args.blocks}")
     for f in (args.calib or []) + (args.eval or []):
         if not Path(f).is_file():
             raise FileNotFoundError(f"text file not found: {f}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a folder")
+    if args.nm_out is not None:
+        nm_path = Path(args.nm_out).resolve()
+        if nm_path.is_relative_to(Path(args.out).resolve()):
+            raise ValueError(f"--nm-out {args.nm_out} lies inside --out: the output folder holds one model; "
+                             "write the compact file elsewhere")
+        if nm_path.is_dir():
+            raise ValueError(f"--nm-out {args.nm_out} is a folder; give a file name")
+
+
+# --- the run -----------------------------------------------------------------------------------------
 
 
 def _max_positions(model: Any) -> int | None:
@@ -87,30 +211,66 @@ def _max_positions(model: Any) -> int | None:
     return None
 
 
-def _evaluate(model, causal: bool, eval_data: Any, seq_len: int, batch_size: int, reference=None) -> dict:
+def _sources(files: list[str] | None, builtin: str) -> Any:
+    """What a text came from: each file with its SHA-256, or the name of the built-in split."""
+    if not files:
+        return builtin
+    return [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size,
+             "sha256": hashlib.sha256(Path(f).read_bytes()).hexdigest()} for f in files]
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _evaluate(model: Any, causal: bool, eval_data: Any, seq_len: int, batch_size: int, reference: Any = None) -> dict:
+    import math
+
     from .evaluation import embedding_similarity, mean_pooled_embeddings
-    from .perplexity import perplexity
+    from .perplexity import negative_log_likelihood
 
     if causal:
-        return {"perplexity": perplexity(model, eval_data, seq_len=seq_len, batch_size=batch_size)}
+        total, count = negative_log_likelihood(model, eval_data, seq_len=seq_len, batch_size=batch_size)
+        return {"perplexity": math.exp(total / count), "predicted_tokens": count}
     if reference is None:
-        return {"embeddings": mean_pooled_embeddings(model, eval_data)}
-    return {"embedding_cosine": embedding_similarity(model, reference, eval_data)}
+        return {"embeddings": mean_pooled_embeddings(model, eval_data, batch_size)}
+    return {"embedding_cosine": embedding_similarity(model, reference, eval_data, batch_size)}
+
+
+def _plain_loadable(config: Any) -> bool:
+    """Whether ``from_pretrained`` alone rebuilds the shapes (False: ``prunekit.llm.load_model`` is needed)."""
+    info = getattr(config, "prunekit_attention", None)
+    if info is None:
+        return True
+    heads, kv = set(info["num_heads"]), set(info["num_kv_heads"])
+    return (len(heads) == 1 and len(kv) == 1 and getattr(config, "num_attention_heads", None) == min(heads)
+            and getattr(config, "num_key_value_heads", None) == min(kv))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``prunekit llm`` (arguments from :func:`add_parser`); returns the exit status."""
     _check_args(args)
+    inputs = [args.model, args.tokenizer, *(args.calib or []), *(args.eval or [])]
+    with RunOutput(args.out, "--out", keep=[p for p in inputs if p]) as output:  # never replaces an input
+        return _run(args, output)
+
+
+def _run(args: argparse.Namespace, output: RunOutput) -> int:
     import torch
     from rich.console import Console
 
-    from ..masking import sparsity as model_sparsity
-    from ..report import Column, print_table, write_json
     from .api import prune, rich_progress
     from .calibration import builtin_sentences, builtin_text, read_sources, sample_windows, tokenize_text
     from .evaluation import encode
+    from .heads import attention_layers, prune_heads
     from .hf import is_causal_lm, load_model, load_tokenizer, save_pretrained
-    from .methods import parse_pattern
+    from .layers import prune_layers
     from .nm_format import save_nm
 
     if args.threads:
@@ -123,73 +283,127 @@ def run(args: argparse.Namespace) -> int:
     causal = is_causal_lm(model.config)
     limit = _max_positions(model)
     seq_len = min(args.seq_len, limit) if limit else args.seq_len
+    nm = parse_pattern(args.pattern)
+    unstructured = nm is not None or args.sparsity != 0
+    head_importance = args.head_importance or ("gradient" if causal else "magnitude")
+    if args.heads is not None and head_importance == "gradient" and not causal:
+        raise ValueError("--head-importance gradient needs a language-modelling loss; this model is an encoder: "
+                         "use --head-importance magnitude")
 
     stream = tokenize_text(tokenizer, read_sources(args.calib, None, "text"))
     calibration = sample_windows(stream, args.samples, seq_len, args.seed)
     if causal:
         eval_text = read_sources(args.eval, None, "text") if args.eval else builtin_text("heldout")
         eval_data = tokenize_text(tokenizer, eval_text)[: args.eval_tokens]
+        evaluation = {"source": _sources(args.eval, "built-in heldout"), "tokens": int(eval_data.numel()),
+                      "seq_len": seq_len, "stride": seq_len, "batch_size": args.eval_batch_size,
+                      "metric": "perplexity"}
     else:
         if args.eval:
             sentences = [s for s in read_sources(args.eval, None, "text").splitlines() if s.strip()]
         else:
             sentences = builtin_sentences("heldout", n=256)
         eval_data = encode(tokenizer, sentences, max_length=seq_len)
+        evaluation = {"source": _sources(args.eval, "built-in heldout sentences (256)"), "sentences": len(sentences),
+                      "max_length": seq_len, "batch_size": args.eval_batch_size,
+                      "metric": "cosine of mean-pooled embeddings to the dense model's"}
 
-    before = _evaluate(model, causal, eval_data, seq_len, args.batch_size)
-    callback, stop = (None, None)
-    if not args.no_progress:
-        callback, stop = rich_progress(args.method, console=err)
-    try:
-        report = prune(model, calibration, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-                       exclude=args.exclude, batch_size=args.batch_size, progress=callback or False)
-    finally:
-        if stop is not None:
-            stop()
-    after = _evaluate(model, causal, eval_data, seq_len, args.batch_size, reference=before.get("embeddings"))
-    achieved = float(model_sparsity(model))
+    before = _evaluate(model, causal, eval_data, seq_len, args.eval_batch_size)
+    params_before = sum(p.numel() for p in model.parameters())
+    structured: dict[str, Any] = {}
+    if args.blocks is not None:
+        err.print(f"removing {args.blocks} blocks (angular distance)")
+        structured["blocks_removed"] = prune_layers(model, calibration, args.blocks, batch_size=args.batch_size)
+    if args.heads is not None:
+        err.print(f"removing {args.heads:.0%} of the attention heads ({head_importance})")
+        removed = prune_heads(model, calibration, amount=args.heads, method=head_importance, scope=args.heads_scope,
+                              batch_size=args.batch_size)
+        structured["heads_removed"] = {str(b): h for b, h in removed.items()}
+        structured["heads_per_block"] = [a.num_heads for a in attention_layers(model)]
 
-    out = Path(args.out)
-    nm = parse_pattern(args.pattern)
-    nm_report = save_nm(model, out / "model.nm.safetensors", nm.name) if nm is not None else None
-    if nm is None:  # an earlier run into this folder may have left one, of another model
-        (out / "model.nm.safetensors").unlink(missing_ok=True)
-    save_pretrained(model, out, tokenizer)
-    dense_file = out / "model.safetensors"
+    report = None
+    if unstructured:
+        callback, stop = (None, None)
+        if not args.no_progress:
+            callback, stop = rich_progress(args.method, console=err)
+        options: dict[str, Any] = {}
+        if args.allocation_range is not None:
+            options["allocation_range"] = args.allocation_range
+        if args.outlier_threshold is not None:
+            options["outlier_threshold"] = args.outlier_threshold
+        if args.recovery_steps is not None:
+            options["recovery_steps"] = args.recovery_steps
+        try:
+            report = prune(model, calibration, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                           exclude=args.exclude, batch_size=args.batch_size, progress=callback or False,
+                           sequential="layer" if args.sequential else "block", allocation=args.allocation,
+                           recovery=args.recovery, **options)
+        finally:
+            if stop is not None:
+                stop()
+    after = _evaluate(model, causal, eval_data, seq_len, args.eval_batch_size, reference=before.get("embeddings"))
+    achieved = float(model_sparsity(model)) if report is not None else 0.0
+    params = sum(p.numel() for p in model.parameters())
+
+    nm_report = save_nm(model, args.nm_out, nm.name) if args.nm_out is not None else None
+    with output.replacing() as tmp:
+        save_pretrained(model, tmp, tokenizer)
+        plain = _plain_loadable(model.config)
+        auto = "AutoModelForCausalLM" if causal else "AutoModel"
+        loader = f"transformers.{auto}.from_pretrained" if plain else "prunekit.llm.load_model"
+        dense_bytes = (tmp / "model.safetensors").stat().st_size if (tmp / "model.safetensors").is_file() else None
+        files = sorted([p.name for p in tmp.iterdir()] + ["prune_report.json"])
+        results = {
+            "model": str(args.model),
+            "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
+            "versions": _versions(),
+            "method": args.method if report is not None else None,
+            "pattern": nm.name if nm else None,
+            "sparsity": report.target_sparsity if report is not None else 0.0,
+            "achieved_sparsity": achieved,
+            "allocation": args.allocation,
+            "sequential": "layer" if args.sequential else "block",
+            "recovery": args.recovery,
+            "structured": structured,
+            "parameters": {"before": params_before, "after": params},
+            "calibration": {"source": _sources(args.calib, "built-in calibration"), "samples": args.samples,
+                            "seq_len": seq_len, "seed": args.seed, "batch_size": args.batch_size,
+                            "stream_tokens": int(stream.numel())},
+            "evaluation": evaluation,
+            "before": {k: v for k, v in before.items() if k != "embeddings"},
+            "after": after,
+            "prune": report.to_dict() if report is not None else None,
+            "loader": loader,
+            "files": files,
+            "nm_file": {"path": str(Path(args.nm_out).resolve()), **nm_report.to_dict()} if nm_report else None,
+            "safetensors_bytes": dense_bytes,
+            "wall_time_s": time.perf_counter() - start,
+        }
+        write_json(tmp / "prune_report.json", results)
 
     rows: list[dict] = []
     if causal:
-        rows.append({"": "perplexity (held-out)", "dense": f"{before['perplexity']:.3f}",
-                     "pruned": f"{after['perplexity']:.3f}"})
+        rows.append({"": f"perplexity (held-out, {before['predicted_tokens']} tokens)",
+                     "dense": f"{before['perplexity']:.3f}", "pruned": f"{after['perplexity']:.3f}"})
     else:
         rows.append({"": "embedding cosine to dense", "dense": "1.0000", "pruned": f"{after['embedding_cosine']:.4f}"})
+    if structured:
+        rows.append({"": "parameters", "dense": f"{params_before / 1e6:.2f} M", "pruned": f"{params / 1e6:.2f} M"})
     rows.append({"": "sparsity of pruned layers", "dense": "0%", "pruned": f"{achieved:.1%}"})
-    rows.append({"": "pruning time", "dense": "-", "pruned": f"{sum(report.block_seconds):.1f} s"})
-    if nm_report is not None and dense_file.is_file():
+    if report is not None:
+        rows.append({"": "pruning time", "dense": "-", "pruned": f"{sum(report.block_seconds):.1f} s"})
+    if nm_report is not None and dense_bytes is not None:
         mib = 2**20
         rows.append({"": f"{nm.name} layers: dense vs values + indices",
                      "dense": f"{nm_report.packed_dense_bytes / mib:.2f} MiB",
                      "pruned": f"{nm_report.packed_bytes / mib:.2f} MiB ({nm_report.packed_ratio:.2f}x smaller)"})
-        rows.append({"": "whole model: model.safetensors vs model.nm.safetensors",
-                     "dense": f"{dense_file.stat().st_size / mib:.2f} MiB", "pruned": f"{nm_report.file_bytes / mib:.2f} MiB"})
+        rows.append({"": f"whole model: model.safetensors vs {Path(args.nm_out).name}",
+                     "dense": f"{dense_bytes / mib:.2f} MiB", "pruned": f"{nm_report.file_bytes / mib:.2f} MiB"})
+    what = [f"{len(structured['blocks_removed'])} blocks"] if "blocks_removed" in structured else []
+    what += [f"{args.heads:.0%} heads"] if args.heads is not None else []
+    what += [f"{args.method} {nm.name if nm else f'{report.target_sparsity:.0%}'}"] if report is not None else []
     print_table(rows, [Column(""), Column("dense", align="right"), Column("pruned", align="right")],
-                title=f"{args.method} {nm.name if nm else f'{report.target_sparsity:.0%}'} on {Path(args.model).name}",
-                console=console)
-    results = {
-        "model": str(args.model),
-        "method": args.method,
-        "pattern": nm.name if nm else None,
-        "sparsity": report.target_sparsity,
-        "achieved_sparsity": achieved,
-        "calibration": {"samples": args.samples, "seq_len": seq_len, "seed": args.seed,
-                        "source": args.calib or "builtin"},
-        "before": {k: v for k, v in before.items() if k != "embeddings"},
-        "after": after,
-        "prune": report.to_dict(),
-        "nm_format": nm_report.to_dict() if nm_report else None,
-        "safetensors_bytes": dense_file.stat().st_size if dense_file.is_file() else None,
-        "wall_time_s": time.perf_counter() - start,
-    }
-    write_json(out / "prune_report.json", results)
-    console.print(f"wrote {out} (save_pretrained, safetensors) and {out / 'prune_report.json'}", soft_wrap=True)
+                title=f"{', '.join(what)} on {Path(args.model).name}", console=console)
+    console.print(f"wrote {output.path} ({', '.join(files)}); load it with {loader}"
+                  + (f"; and {args.nm_out} (compact {nm.name})" if nm_report else ""), soft_wrap=True)
     return 0

@@ -11,6 +11,7 @@
     pk.llm.prune_heads(model, calib, amount=0.25)        # Michel et al. importance, physical removal
     pk.llm.prune_layers(model, calib, num_layers=2)      # Gromov et al. angular distance
     pk.llm.save_nm(model, "model.nm.safetensors", "2:4") # values + 2-bit indices
+    pk.llm.save_compressed(model, "out")                 # compressed-tensors sparse-24-bitmask / sparse-bitmask
 
 Importing this package does not import ``transformers``; the functions that need it import it when
 called.
@@ -20,6 +21,7 @@ from . import sparsegpt, wanda  # noqa: F401  (registers the methods: magnitude,
 from .api import LLMPruneReport, prune
 from .blocks import find_blocks
 from .calibration import builtin_sentences, builtin_text, calibration_data, random_calibration, tokenize_text
+from .ct_format import load_compressed, save_compressed
 from .evaluation import embedding_similarity, mean_pooled_embeddings
 from .heads import head_importance, mask_heads, prune_heads, remove_heads
 from .hf import load_model, load_pretrained, save_pretrained
@@ -57,6 +59,8 @@ __all__ = [
     "load_pretrained",
     "save_nm",
     "load_nm",
+    "save_compressed",
+    "load_compressed",
     "LLM_METHODS",
     "LayerMethod",
     "sparsegpt_layer",

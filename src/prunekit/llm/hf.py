@@ -24,7 +24,10 @@ from torch import nn
 
 from ..masking import finalize, masks
 
-__all__ = ["load_model", "load_tokenizer", "save_pretrained", "load_pretrained", "is_causal_lm"]
+__all__ = [
+    "load_model", "load_tokenizer", "save_pretrained", "load_pretrained", "is_causal_lm",
+    "offline", "check_model_dir", "model_class", "weight_files",
+]
 
 
 def _offline() -> None:
@@ -141,3 +144,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+# The helpers other loaders build on (compressed-tensors, streaming), under public names.
+offline = _offline  # no hub access from here on
+check_model_dir = _check_dir  # the folder as a Path, or FileNotFoundError
+model_class = _auto_class  # AutoModelForCausalLM for a causal LM config, else AutoModel
+weight_files = _weight_files  # the safetensors files of a folder (single or sharded)

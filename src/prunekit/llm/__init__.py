@@ -12,6 +12,7 @@
     pk.llm.prune_layers(model, calib, num_layers=2)      # Gromov et al. angular distance
     pk.llm.save_nm(model, "model.nm.safetensors", "2:4") # values + 2-bit indices
     pk.llm.save_compressed(model, "out")                 # compressed-tensors sparse-24-bitmask / sparse-bitmask
+    pk.llm.distill(pruned, dense, calib, steps=200)      # recovery: logit KL (+ hidden_weight=...) to the dense model
 
 Importing this package does not import ``transformers``; the functions that need it import it when
 called.
@@ -20,6 +21,7 @@ called.
 from . import sparsegpt, wanda  # noqa: F401  (registers the methods: magnitude, wanda, sparsegpt)
 from .api import LLMPruneReport, prune
 from .blocks import find_blocks
+from .distillation import DistillReport, distill, distillation_kl
 from .calibration import builtin_sentences, builtin_text, calibration_data, random_calibration, tokenize_text
 from .ct_format import load_compressed, save_compressed
 from .evaluation import embedding_similarity, mean_pooled_embeddings
@@ -35,6 +37,9 @@ from .wanda import wanda_mask, wanda_scores
 __all__ = [
     "prune",
     "LLMPruneReport",
+    "distill",
+    "DistillReport",
+    "distillation_kl",
     "perplexity",
     "negative_log_likelihood",
     "calibration_data",

@@ -38,17 +38,19 @@ class LLMPruneReport(PruneReport):
         return out
 
 
-def rich_progress(method: str, console: Any = None) -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
-    """A rich progress bar over blocks: ``(callback, stop)``."""
+def rich_progress(method: str, console: Any = None, unit: str = "blocks",
+                  status: str = "block {index}: {value:.2f} s") -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
+    """A rich progress bar over blocks (or other ``unit``s): ``(callback, stop)``; the callback takes
+    ``(index, total, value)`` and shows ``status`` formatted with them."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn(f"[bold]{method}[/bold] blocks"), BarColumn(), MofNCompleteColumn(),
+    bar = Progress(TextColumn(f"[bold]{method}[/bold] {unit}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[last]}"), transient=False, console=console)
     bar.start()
     task = bar.add_task("prune", total=None, last="")
 
-    def update(index: int, total: int, seconds: float) -> None:
-        bar.update(task, total=total, completed=index + 1, last=f"block {index}: {seconds:.2f} s")
+    def update(index: int, total: int, value: float) -> None:
+        bar.update(task, total=total, completed=index + 1, last=status.format(index=index, value=value))
 
     return update, bar.stop
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.llm.calibration import builtin_text, sample_windows
-from prunekit.llm.perplexity import _windows, negative_log_likelihood
+from prunekit.llm.perplexity import _token_nll, _windows, negative_log_likelihood
 
 
 class Unigram(nn.Module):
@@ -76,6 +76,14 @@ def test_bigram_perplexity_by_hand_and_batching_and_several_streams():
     two = torch.stack([ids, ids.flip(0)])
     nll2 = nll - sum(math.log(table[two[1, p - 1], two[1, p]]) for p in range(1, len(ids)))
     assert pk.llm.perplexity(model, two, seq_len=len(ids)) == pytest.approx(math.exp(nll2 / (2 * (len(ids) - 1))))
+
+
+def test_token_nll_in_chunks_equals_the_full_log_softmax():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 50, 1000) * 5, torch.randint(0, 1000, (3, 50))
+    expected = -torch.log_softmax(logits, -1).gather(2, targets[..., None]).squeeze(-1)
+    for chunk in (1, 3000, 7 * 3000 + 5, 1 << 20):  # one position at a time, 7 and a bit, all at once
+        assert torch.allclose(_token_nll(logits, targets, chunk), expected, atol=1e-5, rtol=0)
 
 
 def test_perplexity_bad_input():

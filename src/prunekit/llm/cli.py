@@ -12,6 +12,8 @@ replaces ``DIR`` as a whole with exactly: what ``save_pretrained`` writes (confi
 the masks baked in as zeros) + the tokenizer + ``prune_report.json``, which records everything needed to
 reproduce both perplexities (text sources with SHA-256, token counts, window, batch, seeds, versions).
 The compact N:M file is written only on request (``--nm-out FILE``, outside the model folder).
+``--format compressed-tensors`` writes the model folder in llm-compressor's sparse layout instead
+(``prunekit.llm.save_compressed``: ``sparse-24-bitmask`` for 2:4, else ``sparse-bitmask``).
 
 Every argument is checked, and the output folder too, before the model is loaded: a bad combination is
 one ``error:`` line and exit status 2, with nothing written.
@@ -79,6 +81,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--nm-out", default=None, metavar="FILE",
                    help="with --pattern, also write the compact N:M file (values + 2-bit indices, "
                    "prunekit.llm.load_nm) here; it must lie outside --out")
+    g.add_argument("--format", default="hf", choices=("hf", "compressed-tensors"),
+                   help="hf: save_pretrained (dense safetensors, masks as zeros); compressed-tensors: "
+                   "llm-compressor's sparse layout, sparse-24-bitmask for 2:4 else sparse-bitmask, read back with "
+                   "prunekit.llm.load_compressed (default: %(default)s)")
     s = p.add_argument_group("structured pruning (physical removal, before the step above)")
     s.add_argument("--blocks", type=int, default=None, metavar="N",
                    help="remove N consecutive blocks (angular distance, Gromov et al. 2024)")
@@ -173,6 +179,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--recovery-steps must be >= 1, got {args.recovery_steps}")
     if args.nm_out is not None and nm is None:
         raise ValueError("--nm-out writes the compact N:M format: it needs --pattern")
+    if args.format == "compressed-tensors" and nm is None and args.sparsity == 0:
+        raise ValueError("--format compressed-tensors stores sparse Linear layers; --sparsity 0 leaves none")
+    if args.format == "compressed-tensors" and args.heads_scope != "uniform":
+        raise ValueError("--format compressed-tensors needs shapes its config rebuilds; use --heads-scope uniform")
     if args.heads is not None and not 0 < args.heads < 1:
         raise ValueError(f"--heads must be a fraction of the heads in (0, 1), got {args.heads:g}")
     if args.head_importance is not None and args.heads is None:
@@ -267,6 +277,7 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
 
     from .api import prune, rich_progress
     from .calibration import builtin_sentences, builtin_text, read_sources, sample_windows, tokenize_text
+    from .ct_format import plan_compressed, write_compressed
     from .evaluation import encode
     from .heads import attention_layers, prune_heads
     from .hf import is_causal_lm, load_model, load_tokenizer, save_pretrained
@@ -345,12 +356,20 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
     achieved = float(model_sparsity(model)) if report is not None else 0.0
     params = sum(p.numel() for p in model.parameters())
 
+    compressed = args.format == "compressed-tensors"
+    if compressed and not _plain_loadable(model.config):
+        raise ValueError("--format compressed-tensors: the heads left differ between blocks, which its config cannot "
+                         "describe; nothing was written (use --format hf)")
+    plan = plan_compressed(model) if compressed else None  # raises before anything is written
     nm_report = save_nm(model, args.nm_out, nm.name) if args.nm_out is not None else None
     with output.replacing() as tmp:
-        save_pretrained(model, tmp, tokenizer)
+        ct_report = write_compressed(model, tmp, plan, tokenizer) if compressed else None
+        if not compressed:
+            save_pretrained(model, tmp, tokenizer)
         plain = _plain_loadable(model.config)
         auto = "AutoModelForCausalLM" if causal else "AutoModel"
         loader = f"transformers.{auto}.from_pretrained" if plain else "prunekit.llm.load_model"
+        loader = "prunekit.llm.load_compressed" if compressed else loader
         dense_bytes = (tmp / "model.safetensors").stat().st_size if (tmp / "model.safetensors").is_file() else None
         files = sorted([p.name for p in tmp.iterdir()] + ["prune_report.json"])
         results = {
@@ -376,6 +395,8 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
             "loader": loader,
             "files": files,
             "nm_file": {"path": str(Path(args.nm_out).resolve()), **nm_report.to_dict()} if nm_report else None,
+            "format": args.format,
+            "compressed_tensors": {**ct_report.to_dict(), "path": str(output.path)} if ct_report else None,
             "safetensors_bytes": dense_bytes,
             "wall_time_s": time.perf_counter() - start,
         }
@@ -399,6 +420,10 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
                      "pruned": f"{nm_report.packed_bytes / mib:.2f} MiB ({nm_report.packed_ratio:.2f}x smaller)"})
         rows.append({"": f"whole model: model.safetensors vs {Path(args.nm_out).name}",
                      "dense": f"{dense_bytes / mib:.2f} MiB", "pruned": f"{nm_report.file_bytes / mib:.2f} MiB"})
+    if ct_report is not None:
+        mib = 2**20
+        rows.append({"": f"weights: dense vs {ct_report.format}", "dense": f"{ct_report.dense_bytes / mib:.2f} MiB",
+                     "pruned": f"{ct_report.file_bytes / mib:.2f} MiB ({ct_report.ratio:.2f}x smaller)"})
     what = [f"{len(structured['blocks_removed'])} blocks"] if "blocks_removed" in structured else []
     what += [f"{args.heads:.0%} heads"] if args.heads is not None else []
     what += [f"{args.method} {nm.name if nm else f'{report.target_sparsity:.0%}'}"] if report is not None else []

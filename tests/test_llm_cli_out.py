@@ -75,7 +75,8 @@ def test_owl_true_sequential_and_recovery_reach_the_target_on_average(tmp_path, 
     assert max(per_block) - min(per_block) == pytest.approx(2 * 0.1)  # OWL's lambda: the span is 2 lambda
     assert sum(per_block) / len(per_block) == pytest.approx(0.6)  # equal-sized blocks: the plain mean
     assert report["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)  # equal-sized blocks: the plain mean
-    assert report["sequential"] == "layer" and report["recovery"] == "lsq" and report["allocation"] == "owl"
+    assert report["sequential"] == "layer" and report["allocation"] == "owl"
+    assert report["recovery"] == {"method": "lsq", "steps": 3}
     model = tf.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     for i, s in enumerate(per_block):
         w = model.model.layers[i].mlp.up_proj.weight
@@ -116,3 +117,19 @@ def test_python_dash_m_prunekit_is_the_prunekit_command(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --sparsity 0 without --heads or --blocks: nothing to prune"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_distillation_recovery_keeps_the_mask_and_lowers_the_kl_after_depth_pruning(tmp_path, calib):
+    _saved("llama", tmp_path / "model", num_hidden_layers=3)
+    out, report = _run(tmp_path, calib, "--blocks", "1", "--method", "wanda", "--recovery", "distill",
+                       "--recovery-steps", "12", "--distill-lr", "1e-3", "--hidden-weight", "0.5")
+    rec = report["recovery"]
+    assert rec["method"] == "distill" and rec["steps"] == 12 and rec["hidden_weight"] == 0.5
+    assert rec["last_loss"] < rec["first_loss"]
+    model = tf.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert model.config.num_hidden_layers == 2
+    for layer in model.model.layers:  # Wanda's mask survived the training: exactly half of every row is zero
+        w = layer.mlp.gate_proj.weight
+        assert torch.equal((w == 0).sum(1), torch.full((w.shape[0],), w.shape[1] // 2))
+    assert _reproduced_perplexity(model, report) == pytest.approx(report["after"]["perplexity"], rel=1e-6)

@@ -42,7 +42,9 @@ __all__ = ["add_parser", "run"]
 #: the defaults, chosen to fit a laptop CPU (see the README's measurement): 32 x 256 calibration tokens,
 #: evaluation one window at a time (the logits of a batch of windows over a 50k vocabulary were the old peak)
 DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_EVAL_BATCH = 32, 256, 1
-RECOVERY_CHOICES = ("lsq",)
+RECOVERY_CHOICES = ("lsq", "distill")
+#: steps of each recovery when --recovery-steps is not given (lsq: conjugate-gradient steps; distill: AdamW steps)
+RECOVERY_STEPS = {"lsq": 10, "distill": 100}
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -76,8 +78,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="true sequential: each layer's statistics come from the already-pruned layers before it "
                    "in its block (q/k/v, o, gate/up, down)")
     g.add_argument("--recovery", default=None, choices=RECOVERY_CHOICES,
-                   help="lsq: layer-wise least squares on the calibration inputs after pruning (mask kept)")
-    g.add_argument("--recovery-steps", type=int, default=None, metavar="N", help="lsq steps (default 10)")
+                   help="lsq: layer-wise least squares on the calibration inputs as each layer is pruned; distill: "
+                   "after all pruning, train the pruned model to match the dense one's logits on the calibration "
+                   "data (holds both models in memory); masks are kept either way")
+    g.add_argument("--recovery-steps", type=int, default=None, metavar="N",
+                   help="lsq: conjugate-gradient steps (default 10); distill: AdamW steps (default 100)")
+    g.add_argument("--distill-lr", type=float, default=None, metavar="LR", help="distill: peak learning rate (default 1e-4)")
+    g.add_argument("--hidden-weight", type=float, default=None, metavar="W",
+                   help="distill: weight of the hidden-state loss added to the logit KL (default 0)")
     g.add_argument("--nm-out", default=None, metavar="FILE",
                    help="with --pattern, also write the compact N:M file (values + 2-bit indices, "
                    "prunekit.llm.load_nm) here; it must lie outside --out")
@@ -147,7 +155,7 @@ def _check_args(args: argparse.Namespace) -> None:
     unstructured = nm is not None or args.sparsity != 0
     if not unstructured:
         given = [flag for flag, on in (("--allocation", args.allocation != "uniform"), ("--sequential", args.sequential),
-                                       ("--recovery", args.recovery is not None), ("--exclude", bool(args.exclude)))
+                                       ("--recovery lsq", args.recovery == "lsq"), ("--exclude", bool(args.exclude)))
                  if on]
         if given:
             raise ValueError(f"{given[0]} tunes the unstructured pruning, which --sparsity 0 skips")
@@ -174,9 +182,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--sequential changes the calibration statistics; --method {args.method} uses none")
     if args.recovery_steps is not None:
         if args.recovery is None:
-            raise ValueError("--recovery-steps needs --recovery lsq")
+            raise ValueError("--recovery-steps needs --recovery lsq or distill")
         if args.recovery_steps < 1:
             raise ValueError(f"--recovery-steps must be >= 1, got {args.recovery_steps}")
+    for flag, value in (("--distill-lr", args.distill_lr), ("--hidden-weight", args.hidden_weight)):
+        if value is not None and args.recovery != "distill":
+            raise ValueError(f"{flag} needs --recovery distill")
+    if args.distill_lr is not None and not args.distill_lr > 0:
+        raise ValueError(f"--distill-lr must be positive, got {args.distill_lr:g}")
+    if args.hidden_weight is not None and not args.hidden_weight >= 0:
+        raise ValueError(f"--hidden-weight must be >= 0, got {args.hidden_weight:g}")
     if args.nm_out is not None and nm is None:
         raise ValueError("--nm-out writes the compact N:M format: it needs --pattern")
     if args.format == "compressed-tensors" and nm is None and args.sparsity == 0:
@@ -272,10 +287,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, output: RunOutput) -> int:
+    import copy
+
     import torch
     from rich.console import Console
 
     from .api import prune, rich_progress
+    from .blocks import find_blocks
+    from .distillation import distill
     from .calibration import builtin_sentences, builtin_text, read_sources, sample_windows, tokenize_text
     from .ct_format import plan_compressed, write_compressed
     from .evaluation import encode
@@ -321,10 +340,14 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
 
     before = _evaluate(model, causal, eval_data, seq_len, args.eval_batch_size)
     params_before = sum(p.numel() for p in model.parameters())
+    teacher = copy.deepcopy(model) if args.recovery == "distill" else None
     structured: dict[str, Any] = {}
+    kept_blocks = None
     if args.blocks is not None:
         err.print(f"removing {args.blocks} blocks (angular distance)")
+        total = len(find_blocks(model)[1])
         structured["blocks_removed"] = prune_layers(model, calibration, args.blocks, batch_size=args.batch_size)
+        kept_blocks = [i for i in range(total) if i not in structured["blocks_removed"]]
     if args.heads is not None:
         err.print(f"removing {args.heads:.0%} of the attention heads ({head_importance})")
         removed = prune_heads(model, calibration, amount=args.heads, method=head_importance, scope=args.heads_scope,
@@ -348,10 +371,25 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
             report = prune(model, calibration, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                            exclude=args.exclude, batch_size=args.batch_size, progress=callback or False,
                            sequential="layer" if args.sequential else "block", allocation=args.allocation,
-                           recovery=args.recovery, **options)
+                           recovery="lsq" if args.recovery == "lsq" else None, **options)
         finally:
             if stop is not None:
                 stop()
+    distilled = None
+    if teacher is not None:
+        steps = args.recovery_steps or RECOVERY_STEPS["distill"]
+        callback, stop = (None, None)
+        if not args.no_progress:
+            callback, stop = rich_progress("distill", console=err, unit="steps", status="loss {value:.4f}")
+        try:
+            distilled = distill(model, teacher, calibration, steps=steps, batch_size=args.batch_size,
+                                lr=1e-4 if args.distill_lr is None else args.distill_lr,
+                                hidden_weight=args.hidden_weight or 0.0, layer_map=kept_blocks,
+                                seed=args.seed, progress=callback or False)
+        finally:
+            if stop is not None:
+                stop()
+        del teacher
     after = _evaluate(model, causal, eval_data, seq_len, args.eval_batch_size, reference=before.get("embeddings"))
     achieved = float(model_sparsity(model)) if report is not None else 0.0
     params = sum(p.numel() for p in model.parameters())
@@ -382,7 +420,11 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
             "achieved_sparsity": achieved,
             "allocation": args.allocation,
             "sequential": "layer" if args.sequential else "block",
-            "recovery": args.recovery,
+            "recovery": None if args.recovery is None else {
+                "method": args.recovery, "steps": args.recovery_steps or RECOVERY_STEPS[args.recovery],
+                **({"lr": 1e-4 if args.distill_lr is None else args.distill_lr,
+                    "hidden_weight": args.hidden_weight or 0.0, "seconds": distilled.seconds,
+                    "first_loss": distilled.losses[0], "last_loss": distilled.losses[-1]} if distilled else {})},
             "structured": structured,
             "parameters": {"before": params_before, "after": params},
             "calibration": {"source": _sources(args.calib, "built-in calibration"), "samples": args.samples,

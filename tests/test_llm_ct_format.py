@@ -207,6 +207,8 @@ def test_cli_writes_the_model_folder_in_compressed_tensors_format(tmp_path, caps
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-24-bitmask"
     model = C.load_compressed(tmp_path / "out")
+    with pytest.raises(ValueError, match="does not decompress: load it with prunekit.llm.load_compressed"):
+        pk.llm.load_model(tmp_path / "out")  # not transformers' random Linear weights
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             assert C.is_2_4(module.weight) and float((module.weight == 0).float().mean()) >= 0.5, name

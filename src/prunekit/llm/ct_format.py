@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..fileio import atomic_folder
 from ..masking import named_effective_tensors
 from ..modules import check_model, named_persistent_buffers
-from .hf import check_model_dir, model_class, offline, weight_files
+from .hf import check_model_dir, compression_config, model_class, offline, weight_files
 
 __all__ = [
     "FORMATS",
@@ -335,10 +335,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, format: str = "au
 
 
 def _sparsity_config(config: Any, where: Path) -> dict[str, Any]:
-    qc = getattr(config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, dict):
-        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
-    if not qc or qc.get("quant_method") != "compressed-tensors":
+    qc = compression_config(config)
+    if qc is None:
         raise ValueError(f"{where} is not a compressed-tensors model folder (config.json has no compressed-tensors "
                          "quantization_config)")
     if qc.get("config_groups"):

@@ -26,7 +26,7 @@ from ..masking import finalize, masks
 
 __all__ = [
     "load_model", "load_tokenizer", "save_pretrained", "load_pretrained", "is_causal_lm",
-    "offline", "check_model_dir", "model_class", "weight_files",
+    "offline", "check_model_dir", "model_class", "weight_files", "compression_config",
 ]
 
 
@@ -55,7 +55,8 @@ def _auto_class(config: Any):
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """A model from a local folder (no hub access), in eval mode; heads removed by prunekit are restored."""
+    """A model from a local folder (no hub access), in eval mode; heads removed by prunekit are restored.
+    A compressed-tensors sparse folder is refused (``ValueError``): ``prunekit.llm.load_compressed`` reads it."""
     _offline()
     path = _check_dir(path)
     import transformers as tf
@@ -66,7 +67,21 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    ct = compression_config(config)
+    if ct and (ct.get("sparsity_config") or {}).get("format", "dense") != "dense":
+        # transformers 5 would leave the compressed Linear weights random, with a warning only
+        raise ValueError(f"{path} holds a compressed-tensors sparse model (sparse-bitmask / sparse-24-bitmask), which "
+                         "transformers 5 does not decompress: load it with prunekit.llm.load_compressed")
     return _auto_class(config).from_pretrained(str(path), **kwargs).eval()
+
+
+def compression_config(config: Any) -> dict | None:
+    """A model config's compressed-tensors ``quantization_config`` as a dict (llm-compressor's record of
+    its sparse or quantized layout), else None."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    return qc if qc and qc.get("quant_method") == "compressed-tensors" else None
 
 
 def load_tokenizer(path: str | os.PathLike):

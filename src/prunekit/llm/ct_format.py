@@ -55,6 +55,7 @@ from .hf import check_model_dir, compression_config, model_class, offline, weigh
 
 __all__ = [
     "FORMATS",
+    "CompressedPlan",
     "CompressedSaveReport",
     "save_compressed",
     "write_compressed",
@@ -150,7 +151,7 @@ class CompressedPlan:
     format: str
     targets: list[str]  # Linear modules stored compressed
     ignore: list[str]  # Linear modules stored dense
-    global_sparsity: float
+    global_sparsity: float  # zeros over every parameter of the model (the config's "average sparsity")
     not_2_4: list[str] = field(default_factory=list)  # targets that are not 2:4 (sparse-bitmask only)
 
     def sparsity_config(self) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def test_cli_on_an_encoder_reports_embedding_similarity(tmp_path, texts, capsys)
 
 
 def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, capsys):
-    _saved("opt", tmp_path / "model")
+    _saved("bert", tmp_path / "model")
     capsys.readouterr()
     cases = [
         (["--method", "wandaa"], "did you mean 'wanda'"),
@@ -155,6 +155,7 @@ def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, capsys):
         (["--heads-scope", "global"], "--heads-scope needs --heads"),
         (["--blocks", "2"], "--blocks must be in [1, 1] (the model has 2 blocks)"),
         (["--out", str(tmp_path)], "holds"),  # the model folder is inside
+        (["--heads", "0.5", "--head-importance", "gradient"], "this model is an encoder"),
     ]
     for extra, message in cases:
         code = main(["llm", str(tmp_path / "model"), "--out", str(tmp_path / "out"), *extra])

@@ -26,6 +26,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .._version import __version__
@@ -35,6 +36,7 @@ from ..render import Column, print_table, write_json
 from ..scope import check_sparsity
 from .allocation import ALLOCATIONS
 from .heads import HEAD_IMPORTANCE
+from .hf import is_causal_lm
 from .methods import LLM_METHODS, parse_pattern
 
 __all__ = ["add_parser", "run"]
@@ -133,8 +135,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 # --- checks, all before any work ---------------------------------------------------------------------
 
 
-def _num_blocks(model_dir: Path) -> int | None:
-    config = json.loads((model_dir / "config.json").read_text())
+def _num_blocks(config: dict) -> int | None:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
             return config[key]
@@ -207,11 +208,15 @@ def _check_args(args: argparse.Namespace) -> None:
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a Hugging Face model folder (no config.json)")
+    config = json.loads((model / "config.json").read_text())
     if args.blocks is not None:
-        total = _num_blocks(model)
+        total = _num_blocks(config)
         if args.blocks < 1 or (total is not None and args.blocks >= total):
-            limit = f"[1, {total - 1}]" if total is not None else ">= 1"
-            raise ValueError(f"--blocks must be in {limit} (the model has {total} blocks), got {args.blocks}")
+            limit = f"in [1, {total - 1}] (the model has {total} blocks)" if total is not None else ">= 1"
+            raise ValueError(f"--blocks must be {limit}, got {args.blocks}")
+    if args.head_importance == "gradient" and not is_causal_lm(SimpleNamespace(**config)):
+        raise ValueError("--head-importance gradient needs a language-modelling loss; this model is an encoder: "
+                         "use --head-importance magnitude")
     for f in (args.calib or []) + (args.eval or []):
         if not Path(f).is_file():
             raise FileNotFoundError(f"text file not found: {f}")
@@ -299,7 +304,7 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
     from .ct_format import plan_compressed, write_compressed
     from .evaluation import encode
     from .heads import attention_layers, prune_heads
-    from .hf import is_causal_lm, load_model, load_tokenizer, save_pretrained
+    from .hf import load_model, load_tokenizer, save_pretrained
     from .layers import prune_layers
     from .nm_format import save_nm
 
@@ -316,9 +321,6 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
     nm = parse_pattern(args.pattern)
     unstructured = nm is not None or args.sparsity != 0
     head_importance = args.head_importance or ("gradient" if causal else "magnitude")
-    if args.heads is not None and head_importance == "gradient" and not causal:
-        raise ValueError("--head-importance gradient needs a language-modelling loss; this model is an encoder: "
-                         "use --head-importance magnitude")
 
     stream = tokenize_text(tokenizer, read_sources(args.calib, None, "text"))
     calibration = sample_windows(stream, args.samples, seq_len, args.seed)

@@ -1,4 +1,4 @@
-"""One-shot pruning of transformers and LLMs: SparseGPT, Wanda, N:M, attention heads and blocks.
+"""One-shot pruning of transformers and LLMs: SparseGPT, Wanda, N:M, attention heads, blocks and MLP width.
 
     import prunekit as pk
     calib = pk.llm.calibration_data(tokenizer, num_samples=128, seq_len=2048)   # built-in text by default
@@ -10,6 +10,7 @@
 
     pk.llm.prune_heads(model, calib, amount=0.25)        # Michel et al. importance, physical removal
     pk.llm.prune_layers(model, calib, num_layers=2)      # Gromov et al. angular distance
+    pk.llm.prune_width(model, calib, mlp=0.25, heads=0.25, method="flap")  # FLAP, bias compensation, physical
     pk.llm.save_nm(model, "model.nm.safetensors", "2:4") # values + 2-bit indices
     pk.llm.save_compressed(model, "out")                 # compressed-tensors sparse-24-bitmask / sparse-bitmask
     pk.llm.distill(pruned, dense, calib, steps=200)      # recovery: logit KL (+ hidden_weight=...) to the dense model
@@ -33,6 +34,7 @@ from .nm_format import load_nm, save_nm
 from .perplexity import negative_log_likelihood, perplexity
 from .sparsegpt import sparsegpt as sparsegpt_layer
 from .wanda import wanda_mask, wanda_scores
+from .width import WidthReport, prune_depth_width, prune_width, remove_mlp_channels, width_importance
 
 __all__ = [
     "prune",
@@ -59,6 +61,11 @@ __all__ = [
     "skip_layers",
     "remove_layers",
     "prune_layers",
+    "prune_width",
+    "prune_depth_width",
+    "width_importance",
+    "remove_mlp_channels",
+    "WidthReport",
     "load_model",
     "save_pretrained",
     "load_pretrained",

@@ -6,9 +6,9 @@
   usual ``config.json`` + ``model.safetensors`` (and the tokenizer), so ``transformers`` loads the result
   as any other model.
 * :func:`load_pretrained`: reloads a model whose attention heads were removed with different counts per
-  block (or on OPT, GPT-2, BERT): it builds the model from its config, shrinks every block's attention to
-  the recorded ``config.prunekit_attention`` and loads the saved weights. For any other model it is
-  :func:`load_model`.
+  block (or on OPT, GPT-2, BERT), or whose MLP widths differ per block: it builds the model from its config,
+  shrinks every block's attention to the recorded ``config.prunekit_attention`` and its MLP to
+  ``config.prunekit_mlp``, and loads the saved weights. For any other model it is :func:`load_model`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    if getattr(config, "prunekit_attention", None) is not None:
+    if getattr(config, "prunekit_attention", None) is not None or getattr(config, "prunekit_mlp", None) is not None:
         return load_pretrained(path, dtype=dtype)
     kwargs = {"local_files_only": True}
     if dtype is not None:
@@ -121,28 +121,38 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Reload a saved model whose attention heads prunekit removed (any counts per block)."""
+    """Reload a saved model whose attention heads prunekit removed (any counts per block) or whose MLP widths
+    it pruned (``config.prunekit_mlp``, any width per block)."""
     _offline()
     path = _check_dir(path)
     import transformers as tf
     from safetensors.torch import load_file
 
     from .heads import attention_layers, remove_heads
+    from .width import mlp_layers, remove_mlp_channels
 
     config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
     info = getattr(config, "prunekit_attention", None)
-    if info is None:
+    widths = (getattr(config, "prunekit_mlp", None) or {}).get("widths")
+    if info is None and widths is None:
         return load_model(path, dtype=dtype)
     model = _auto_class(config).from_config(config)
-    attns = attention_layers(model)
-    heads, kv = info["num_heads"], info["num_kv_heads"]
-    if len(heads) != len(attns):
-        raise ValueError(f"config.prunekit_attention lists {len(heads)} blocks, the model has {len(attns)}")
-    plan = {}
-    for a, h, k in zip(attns, heads, kv):
-        g_old, g_new = a.group_size, h // k
-        plan[a.block] = [j * g_old + i for j in range(a.num_kv_heads) for i in range(g_old) if j >= k or i >= g_new]
-    remove_heads(model, plan)
+    if info is not None:
+        attns = attention_layers(model)
+        heads, kv = info["num_heads"], info["num_kv_heads"]
+        if len(heads) != len(attns):
+            raise ValueError(f"config.prunekit_attention lists {len(heads)} blocks, the model has {len(attns)}")
+        plan = {}
+        for a, h, k in zip(attns, heads, kv):
+            g_old, g_new = a.group_size, h // k
+            plan[a.block] = [j * g_old + i for j in range(a.num_kv_heads) for i in range(g_old)
+                             if j >= k or i >= g_new]
+        remove_heads(model, plan)
+    if widths is not None:
+        mlps = mlp_layers(model)
+        if len(widths) != len(mlps):
+            raise ValueError(f"config.prunekit_mlp lists {len(widths)} blocks, the model has {len(mlps)}")
+        remove_mlp_channels(model, {m.block: range(w, m.width) for m, w in zip(mlps, widths) if w < m.width})
     state = {}
     for f in _weight_files(path):
         state.update(load_file(str(f)))

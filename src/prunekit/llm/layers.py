@@ -10,7 +10,7 @@
   replaced by its input); causal language models only.
 
 :func:`remove_layers` deletes blocks from the model and keeps the config consistent
-(``num_hidden_layers``, ``layer_types``, ``prunekit_attention``) and the remaining attention modules'
+(``num_hidden_layers``, ``layer_types``, ``prunekit_attention``, ``prunekit_mlp``) and the remaining attention modules'
 ``layer_idx`` contiguous, so ``save_pretrained`` + ``from_pretrained`` reload the smaller model.
 :func:`skip_layers` is the masked equivalent: a context manager that bypasses blocks without removing them.
 """
@@ -176,11 +176,12 @@ def remove_layers(model: nn.Module, indices: Sequence[int], blocks: str | None =
         layer_types = getattr(config, "layer_types", None)
         if isinstance(layer_types, list) and len(layer_types) == L:
             config.layer_types = [layer_types[i] for i in kept]
-        info = getattr(config, "prunekit_attention", None)
-        if isinstance(info, dict):
-            for key in ("num_heads", "num_kv_heads"):
-                if isinstance(info.get(key), list) and len(info[key]) == L:
-                    info[key] = [info[key][i] for i in kept]
+        for record, keys in (("prunekit_attention", ("num_heads", "num_kv_heads")), ("prunekit_mlp", ("widths",))):
+            info = getattr(config, record, None)
+            if isinstance(info, dict):
+                for key in keys:
+                    if isinstance(info.get(key), list) and len(info[key]) == L:
+                        info[key] = [info[key][i] for i in kept]
     return kept
 
 

@@ -6,6 +6,7 @@ A leaf: it draws the numbers it is given and imports nothing from prunekit but :
 * :func:`plot_accuracy_vs_sparsity`: accuracy against sparsity, one colour per series.
 * :func:`plot_layer_sparsity`: the pruned fraction of each layer, as horizontal bars.
 * :func:`plot_curves`: any metric against sparsity, one line per named curve (sensitivity analyses).
+* :func:`plot_tradeoff`: labelled points of speed against quality, one panel per model.
 
 ``pip install "prunekit[demo]"`` provides matplotlib; :func:`require_matplotlib` says so when it is missing.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 from .fileio import atomic_write
 
-__all__ = ["require_matplotlib", "plot_accuracy_vs_sparsity", "plot_layer_sparsity", "plot_curves", "series_label",
+__all__ = ["require_matplotlib", "plot_accuracy_vs_sparsity", "plot_layer_sparsity", "plot_curves", "plot_tradeoff", "series_label",
            "series_styles", "COLORS", "MARKERS"]
 
 #: the series colours of every prunekit plot, in order (the first, blue, is what the browser test looks for)
@@ -228,6 +229,35 @@ def plot_curves(
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         _legend_outside_and_save(fig, ax, handles, path)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_tradeoff(panels: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Side-by-side scatter panels of labelled points (e.g. tokens/s against quality).
+
+    Each panel is ``{"title", "xlabel", "ylabel", "points": [{"label", "x", "y"}, ...]}``; a point's label is
+    written next to it, and points sharing a label share a colour across panels.
+    """
+    plt = require_matplotlib()
+    labels = list(dict.fromkeys(p["label"] for panel in panels for p in panel["points"]))
+    color = {label: COLORS[i % len(COLORS)] for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), dpi=110, squeeze=False)
+    try:
+        for ax, panel in zip(axes[0], panels):
+            for point in panel["points"]:
+                ax.scatter([point["x"]], [point["y"]], color=color[point["label"]], s=40, zorder=3)
+                ax.annotate(point["label"], (point["x"], point["y"]), textcoords="offset points", xytext=(5, 4),
+                            fontsize=7)
+            ax.set_xlabel(panel.get("xlabel", ""))
+            ax.set_ylabel(panel.get("ylabel", ""))
+            ax.set_title(panel.get("title", ""), fontsize=10)
+            ax.margins(0.18)
+            ax.grid(True, alpha=0.3)
+        if title:
+            fig.suptitle(title, fontsize=11)
+        _save(fig, path)
     finally:
         plt.close(fig)
     return Path(path)

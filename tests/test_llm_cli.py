@@ -150,6 +150,8 @@ def test_cli_errors_name_the_problem_and_write_nothing(tmp_path, capsys):
         (["--nm-out", str(tmp_path / "x.nm")], "it needs --pattern"),
         (["--pattern", "2:4", "--nm-out", str(tmp_path / "out" / "x.nm")], "lies inside --out"),
         (["--sparsity", "0"], "nothing to prune"),
+        (["--mlp", "0"], "--mlp must be a fraction of the MLP channels in (0, 1)"),
+        (["--width-scope", "global"], "--width-scope needs --mlp"),
         (["--sparsity", "0", "--heads", "0.5", "--recovery", "lsq"], "--recovery lsq tunes the unstructured pruning"),
         (["--heads", "1.0"], "--heads must be a fraction"),
         (["--heads-scope", "global"], "--heads-scope needs --heads"),

@@ -110,12 +110,12 @@ def test_python_dash_m_prunekit_is_the_prunekit_command(tmp_path):
     assert version.returncode == 0 and version.stdout.strip() == f"prunekit {pk.__version__}"
     helped = _python_m("llm", "--help")
     assert helped.returncode == 0
-    for flag in ("--heads", "--blocks", "--allocation", "--owl-lambda", "--sequential", "--recovery", "--nm-out",
+    for flag in ("--heads", "--blocks", "--mlp", "--width", "--allocation", "--owl-lambda", "--sequential", "--recovery", "--nm-out",
                  "--eval-batch-size"):
         assert flag in helped.stdout, flag
     bad = _python_m("llm", str(tmp_path), "--out", str(tmp_path / "out"), "--sparsity", "0")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --sparsity 0 without --heads or --blocks: nothing to prune"]
+        "error: --sparsity 0 without --blocks, --heads or --mlp: nothing to prune"]
     assert not (tmp_path / "out").exists()
 
 
@@ -132,4 +132,23 @@ def test_distillation_recovery_keeps_the_mask_and_lowers_the_kl_after_depth_prun
     for layer in model.model.layers:  # Wanda's mask survived the training: exactly half of every row is zero
         w = layer.mlp.gate_proj.weight
         assert torch.equal((w == 0).sum(1), torch.full((w.shape[0],), w.shape[1] // 2))
+    assert _reproduced_perplexity(model, report) == pytest.approx(report["after"]["perplexity"], rel=1e-6)
+
+
+def test_mlp_width_uniform_loads_in_transformers_and_global_with_the_documented_loader(tmp_path, calib):
+    _saved("llama", tmp_path / "model")
+    out, report = _run(tmp_path, calib, "--mlp", "0.25", "--sparsity", "0")
+    assert report["loader"] == "transformers.AutoModelForCausalLM.from_pretrained"
+    assert report["structured"]["mlp_widths"] == [96, 96] and report["structured"]["mlp_bias_compensated"]
+    model = tf.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert model.config.intermediate_size == 96 and model.model.layers[0].mlp.down_proj.bias is not None
+    assert _reproduced_perplexity(model, report) == pytest.approx(report["after"]["perplexity"], rel=1e-6)
+
+    out, report = _run(tmp_path, calib, "--mlp", "0.5", "--width-scope", "global", "--width-method", "wanda",
+                       "--method", "magnitude")
+    widths = report["structured"]["mlp_widths"]
+    assert sum(widths) == 128 and len(set(widths)) > 1  # 2 x 128 channels, half removed, unevenly
+    assert report["loader"] == "prunekit.llm.load_model"
+    model = pk.llm.load_model(out)
+    assert [layer.mlp.down_proj.weight.shape[1] for layer in model.model.layers] == widths
     assert _reproduced_perplexity(model, report) == pytest.approx(report["after"]["perplexity"], rel=1e-6)

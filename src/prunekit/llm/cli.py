@@ -1,13 +1,14 @@
 """``prunekit llm MODEL_DIR``: prune a local Hugging Face model and save it as one model ``transformers`` loads.
 
-    prunekit llm MODEL_DIR [--method sparsegpt] [--sparsity 0.5 | --pattern 2:4] [--blocks N] [--heads F]
+    prunekit llm MODEL_DIR [--method sparsegpt] [--sparsity 0.5 | --pattern 2:4] [--blocks N] [--heads F] [--mlp F]
                  [--allocation owl] [--sequential] [--recovery lsq] [--calib FILE ...] --out DIR
 
 Loads the model and its tokenizer from the folder (never from the hub); draws calibration sequences from
 ``--calib`` files (default: the built-in standard-library docstrings); measures the held-out perplexity
 (causal LMs; for encoders, the cosine similarity of mean-pooled sentence embeddings to the dense model);
-removes whole blocks (``--blocks``) and attention heads (``--heads``), then prunes the Linear layers
-block by block (``--sparsity``/``--pattern``; ``--sparsity 0`` skips that step); measures again; and
+removes whole blocks (``--blocks``), attention heads (``--heads``) and MLP channels (``--mlp``), then
+prunes the Linear layers block by block (``--sparsity``/``--pattern``; ``--sparsity 0`` skips that step);
+optionally distils from the dense model (``--recovery distill``); measures again; and
 replaces ``DIR`` as a whole with exactly: what ``save_pretrained`` writes (config, safetensors weights with
 the masks baked in as zeros) + the tokenizer + ``prune_report.json``, which records everything needed to
 reproduce both perplexities (text sources with SHA-256, token counts, window, batch, seeds, versions).
@@ -38,6 +39,8 @@ from .allocation import ALLOCATIONS
 from .heads import HEAD_IMPORTANCE
 from .hf import is_causal_lm
 from .methods import LLM_METHODS, parse_pattern
+from .width import SCOPES as WIDTH_SCOPES
+from .width import WIDTH_METHODS
 
 __all__ = ["add_parser", "run"]
 
@@ -53,8 +56,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the ``llm`` subcommand to the ``prunekit`` parser's subparsers."""
     p = sub.add_parser(
         "llm",
-        help="one-shot pruning of a local Hugging Face model: SparseGPT / Wanda / magnitude, N:M, heads, blocks",
-        description="Prune a local Hugging Face model (no hub access): remove whole blocks and attention heads, "
+        help="one-shot pruning of a local Hugging Face model: SparseGPT / Wanda / magnitude, N:M, blocks, heads, MLP width",
+        description="Prune a local Hugging Face model (no hub access): remove whole blocks, attention heads and MLP "
+        "channels, "
         "then prune the Linear layers inside the blocks with SparseGPT, Wanda or magnitude, unstructured or N:M; "
         "report perplexity (or, for encoders, embedding similarity) before and after; write one model that "
         "transformers loads, plus prune_report.json.",
@@ -107,6 +111,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--head-importance", default=None, choices=HEAD_IMPORTANCE,
                    help="head scores: gradient (Michel et al. 2019; default for causal LMs) or magnitude "
                    "(default for encoders, which have no language-modelling loss)")
+    s.add_argument("--mlp", "--width", type=float, default=None, metavar="FRACTION",
+                   help="remove this fraction of every block's MLP channels (prunekit.llm.prune_width)")
+    s.add_argument("--width-method", default=None, choices=WIDTH_METHODS,
+                   help="MLP channel scores: flap (fluctuation, with bias compensation; An et al. 2024), wanda "
+                   "(structured Wanda) or magnitude (default: flap)")
+    s.add_argument("--width-scope", default=None, choices=WIDTH_SCOPES,
+                   help="uniform: the same width in every block (plain transformers loads it); global: FLAP's "
+                   "adaptive widths (reload with prunekit.llm.load_model) (default: uniform)")
     d = p.add_argument_group("data and evaluation")
     d.add_argument("--calib", action="append", default=None, metavar="FILE",
                    help="calibration text file (repeatable; default: built-in standard-library docstrings)")
@@ -160,8 +172,8 @@ def _check_args(args: argparse.Namespace) -> None:
                  if on]
         if given:
             raise ValueError(f"{given[0]} tunes the unstructured pruning, which --sparsity 0 skips")
-        if args.heads is None and args.blocks is None:
-            raise ValueError("--sparsity 0 without --heads or --blocks: nothing to prune")
+        if args.heads is None and args.blocks is None and args.mlp is None:
+            raise ValueError("--sparsity 0 without --blocks, --heads or --mlp: nothing to prune")
     if args.allocation != "uniform":
         if nm is not None:
             raise ValueError(f"--allocation {args.allocation} spreads unstructured sparsity; --pattern fixes it per layer")
@@ -199,12 +211,19 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--format compressed-tensors stores sparse Linear layers; --sparsity 0 leaves none")
     if args.format == "compressed-tensors" and args.heads_scope != "uniform":
         raise ValueError("--format compressed-tensors needs shapes its config rebuilds; use --heads-scope uniform")
+    if args.format == "compressed-tensors" and args.width_scope == "global":
+        raise ValueError("--format compressed-tensors needs shapes its config rebuilds; use --width-scope uniform")
     if args.heads is not None and not 0 < args.heads < 1:
         raise ValueError(f"--heads must be a fraction of the heads in (0, 1), got {args.heads:g}")
     if args.head_importance is not None and args.heads is None:
         raise ValueError("--head-importance needs --heads")
     if args.heads_scope != "uniform" and args.heads is None:
         raise ValueError("--heads-scope needs --heads")
+    if args.mlp is not None and not 0 < args.mlp < 1:
+        raise ValueError(f"--mlp must be a fraction of the MLP channels in (0, 1), got {args.mlp:g}")
+    for flag, value in (("--width-method", args.width_method), ("--width-scope", args.width_scope)):
+        if value is not None and args.mlp is None:
+            raise ValueError(f"{flag} needs --mlp")
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a Hugging Face model folder (no config.json)")
@@ -276,11 +295,14 @@ def _evaluate(model: Any, causal: bool, eval_data: Any, seq_len: int, batch_size
 def _plain_loadable(config: Any) -> bool:
     """Whether ``from_pretrained`` alone rebuilds the shapes (False: ``prunekit.llm.load_model`` is needed)."""
     info = getattr(config, "prunekit_attention", None)
-    if info is None:
-        return True
-    heads, kv = set(info["num_heads"]), set(info["num_kv_heads"])
-    return (len(heads) == 1 and len(kv) == 1 and getattr(config, "num_attention_heads", None) == min(heads)
-            and getattr(config, "num_key_value_heads", None) == min(kv))
+    if info is not None:
+        heads, kv = set(info["num_heads"]), set(info["num_kv_heads"])
+        if not (len(heads) == 1 and len(kv) == 1 and getattr(config, "num_attention_heads", None) == min(heads)
+                and getattr(config, "num_key_value_heads", None) == min(kv)):
+            return False
+    widths = set((getattr(config, "prunekit_mlp", None) or {}).get("widths") or [])
+    fields = {getattr(config, f, None) for f in ("intermediate_size", "ffn_dim", "n_inner")}
+    return not widths or (len(widths) == 1 and min(widths) in fields)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -307,6 +329,7 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
     from .hf import load_model, load_tokenizer, save_pretrained
     from .layers import prune_layers
     from .nm_format import save_nm
+    from .width import prune_width
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,6 +379,14 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
                               batch_size=args.batch_size)
         structured["heads_removed"] = {str(b): h for b, h in removed.items()}
         structured["heads_per_block"] = [a.num_heads for a in attention_layers(model)]
+    if args.mlp is not None:
+        method = args.width_method or "flap"
+        err.print(f"removing {args.mlp:.0%} of the MLP channels ({method})")
+        width = prune_width(model, calibration, mlp=args.mlp, heads=0.0, method=method,
+                            scope=args.width_scope or "uniform", batch_size=args.batch_size)
+        structured["mlp_removed"] = {str(b): c for b, c in width.removed_channels.items()}
+        structured["mlp_widths"] = width.mlp_widths
+        structured["mlp_bias_compensated"] = width.compensated_mlp
 
     report = None
     if unstructured:
@@ -470,6 +501,7 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
                      "pruned": f"{ct_report.file_bytes / mib:.2f} MiB ({ct_report.ratio:.2f}x smaller)"})
     what = [f"{len(structured['blocks_removed'])} blocks"] if "blocks_removed" in structured else []
     what += [f"{args.heads:.0%} heads"] if args.heads is not None else []
+    what += [f"{args.mlp:.0%} MLP channels"] if args.mlp is not None else []
     what += [f"{args.method} {nm.name if nm else f'{report.target_sparsity:.0%}'}"] if report is not None else []
     print_table(rows, [Column(""), Column("dense", align="right"), Column("pruned", align="right")],
                 title=f"{', '.join(what)} on {Path(args.model).name}", console=console)

@@ -27,9 +27,11 @@ from prunekit.structured.rules import module_rule, shape_rule
 
 
 def test_a_subclass_with_its_own_forward_gets_no_rule_from_its_parent():
-    for module in (LayerNorm2d(4), StdConv2d(3, 4, 3), ScaledStdConv2d(3, 4, 3), GainStdConv2d(3, 4, 3)):
+    for module, parent in ((LayerNorm2d(4), nn.LayerNorm(4)), (StdConv2d(3, 4, 3), nn.Conv2d(3, 4, 3)),
+                           (ScaledStdConv2d(3, 4, 3), nn.Conv2d(3, 4, 3)), (GainStdConv2d(3, 4, 3), nn.Conv2d(3, 4, 3))):
         assert module_rule(module) is None
-        assert shape_rule(module) is not None  # its size attributes are still its parent's (resized after surgery)
+        # its size attributes are still its parent's (resized after surgery)
+        assert shape_rule(module) is shape_rule(parent) is not None
     linear = nn.Linear(4, 4)
     pk.prune(linear, 0.5, targets=[""], scope="local")  # a masked Linear is a subclass running Linear.forward
     assert type(linear) is not nn.Linear and module_rule(linear) == module_rule(nn.Linear(1, 1))

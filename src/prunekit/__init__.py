@@ -19,7 +19,7 @@ from ._version import __version__
 from .sensitivity_analysis import SensitivityResult, sensitivity
 
 # Submodules loaded on first access (``pk.llm``, ``pk.report``), so ``import prunekit`` stays light.
-_LAZY_SUBMODULES = ("llm", "structured", "training", "regularizers", "distributed", "report", "allocation")
+_LAZY_SUBMODULES = ("llm", "structured", "training", "regularizers", "distributed", "report", "allocation", "data")
 
 
 def __getattr__(name: str):

@@ -23,12 +23,18 @@ one ``error:`` line and exit status 2, with nothing written.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
+import math
+import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import torch
+from rich.console import Console
 
 from .._version import __version__
 from ..masking import sparsity as model_sparsity
@@ -36,11 +42,20 @@ from ..outputs import RunOutput
 from ..render import Column, print_table, write_json
 from ..scope import check_sparsity
 from .allocation import ALLOCATIONS
-from .heads import HEAD_IMPORTANCE
-from .hf import is_causal_lm
+from .api import prune, rich_progress
+from .blocks import find_blocks
+from .calibration import builtin_sentences, builtin_text, read_sources, sample_windows, tokenize_text
+from .ct_format import plan_compressed, write_compressed
+from .distillation import distill
+from .evaluation import embedding_similarity, encode, mean_pooled_embeddings
+from .heads import HEAD_IMPORTANCE, attention_layers, prune_heads
+from .hf import is_causal_lm, load_model, load_tokenizer, save_pretrained
+from .layers import prune_layers
 from .methods import LLM_METHODS, parse_pattern
+from .nm_format import save_nm
+from .perplexity import negative_log_likelihood
 from .width import SCOPES as WIDTH_SCOPES
-from .width import WIDTH_METHODS
+from .width import WIDTH_METHODS, prune_width
 
 __all__ = ["add_parser", "run"]
 
@@ -269,21 +284,13 @@ def _sources(files: list[str] | None, builtin: str) -> Any:
 
 
 def _versions() -> dict:
-    import platform
-
-    import torch
-    import transformers
+    import transformers  # an optional extra, loaded already by load_model
 
     return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
 def _evaluate(model: Any, causal: bool, eval_data: Any, seq_len: int, batch_size: int, reference: Any = None) -> dict:
-    import math
-
-    from .evaluation import embedding_similarity, mean_pooled_embeddings
-    from .perplexity import negative_log_likelihood
-
     if causal:
         total, count = negative_log_likelihood(model, eval_data, seq_len=seq_len, batch_size=batch_size)
         return {"perplexity": math.exp(total / count), "predicted_tokens": count}
@@ -314,23 +321,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, output: RunOutput) -> int:
-    import copy
-
-    import torch
-    from rich.console import Console
-
-    from .api import prune, rich_progress
-    from .blocks import find_blocks
-    from .distillation import distill
-    from .calibration import builtin_sentences, builtin_text, read_sources, sample_windows, tokenize_text
-    from .ct_format import plan_compressed, write_compressed
-    from .evaluation import encode
-    from .heads import attention_layers, prune_heads
-    from .hf import load_model, load_tokenizer, save_pretrained
-    from .layers import prune_layers
-    from .nm_format import save_nm
-    from .width import prune_width
-
     if args.threads:
         torch.set_num_threads(args.threads)
     console, err = Console(), Console(stderr=True)
@@ -398,7 +388,7 @@ def _run(args: argparse.Namespace, output: RunOutput) -> int:
             options["allocation_range"] = args.allocation_range
         if args.outlier_threshold is not None:
             options["outlier_threshold"] = args.outlier_threshold
-        if args.recovery_steps is not None:
+        if args.recovery == "lsq" and args.recovery_steps is not None:
             options["recovery_steps"] = args.recovery_steps
         try:
             report = prune(model, calibration, method=args.method, sparsity=args.sparsity, pattern=args.pattern,

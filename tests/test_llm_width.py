@@ -130,32 +130,30 @@ def test_bias_compensation_keeps_the_calibration_mean_of_the_outputs(part):
     assert gap > 100 * error and gap > 1e-4
 
 
-def _zeroed_equivalent(dense, model_calib, report):
+def _zero_columns(layer, idx, x, compensate):
+    """Zero the input columns ``idx`` of a layer; with ``compensate`` add ``W[:, idx] @ mean(x[:, idx])`` to its bias."""
+    shift = _matrix(layer).double()[:, idx] @ x.mean(0)[idx]
+    w = _matrix(layer)
+    w[:, idx] = 0
+    if compensate:
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(w.shape[0]))
+        layer.bias += shift.float()
+
+
+def _zeroed_equivalent(dense, calib, report):
     """The dense model with the removed channels and heads zeroed and the compensation added by hand."""
     ref = copy.deepcopy(dense)
     mlps, attns = W.mlp_layers(ref), H.attention_layers(ref)
-    xs = _inputs_of(dense, [m.down for m in W.mlp_layers(dense)] + [a.o for a in H.attention_layers(dense)],
-                    model_calib)
+    xs = _inputs_of(dense, [m.down for m in W.mlp_layers(dense)] + [a.o for a in H.attention_layers(dense)], calib)
     with torch.no_grad():
         for i, mlp in enumerate(mlps):
             removed = torch.tensor(report.removed_channels.get(i, []), dtype=torch.long)
-            shift = _matrix(mlp.down).double()[:, removed] @ xs[i].mean(0)[removed]
-            w = _matrix(mlp.down)
-            w[:, removed] = 0
-            if report.compensated_mlp:
-                if mlp.down.bias is None:
-                    mlp.down.bias = nn.Parameter(torch.zeros(w.shape[0]))
-                mlp.down.bias += shift.float()
+            _zero_columns(mlp.down, removed, xs[i], report.compensated_mlp)
         for i, attn in enumerate(attns):
             heads = torch.tensor(report.removed_heads.get(i, []), dtype=torch.long)
             idx = (heads.reshape(-1, 1) * attn.head_dim + torch.arange(attn.head_dim)).reshape(-1)
-            shift = _matrix(attn.o).double()[:, idx] @ xs[len(mlps) + i].mean(0)[idx]
-            w = _matrix(attn.o)
-            w[:, idx] = 0
-            if report.compensated_heads:
-                if attn.o.bias is None:
-                    attn.o.bias = nn.Parameter(torch.zeros(w.shape[0]))
-                attn.o.bias += shift.float()
+            _zero_columns(attn.o, idx, xs[len(mlps) + i], report.compensated_heads)
     return ref
 
 

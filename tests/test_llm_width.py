@@ -131,7 +131,7 @@ def test_bias_compensation_keeps_the_calibration_mean_of_the_outputs(part):
 
 
 def _zero_columns(layer, idx, x, compensate):
-    """Zero the input columns ``idx`` of a layer; with ``compensate`` add ``W[:, idx] @ mean(x[:, idx])`` to its bias."""
+    """Zero a layer's input columns ``idx``; with ``compensate`` add ``W[:, idx] @ mean(x[:, idx])`` to its bias."""
     shift = _matrix(layer).double()[:, idx] @ x.mean(0)[idx]
     w = _matrix(layer)
     w[:, idx] = 0

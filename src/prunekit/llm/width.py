@@ -221,7 +221,7 @@ def _collect(model: nn.Module, calibration: Any, watch: Sequence[Sequence[nn.Mod
         inputs = capture_block_inputs(model, block_list, batches)
         current = [0]
         for i, block in enumerate(block_list):
-            stats = [InputMoments(m.weight.shape[0] if is_gpt_conv1d(m) else m.weight.shape[1], "cpu")
+            stats = [InputMoments(m.weight.shape[0] if is_gpt_conv1d(m) else m.weight.shape[1], m.weight.device)
                      for m in watch[i]]
             handles = [m.register_forward_pre_hook(
                 lambda module, args, acc=acc: acc.add(_real_tokens(args[0].detach(), inputs.token_masks[current[0]])))
@@ -599,7 +599,9 @@ def prune_depth_width(
     _validate(model, calibration, mlp, heads, method, scope, gqa, compensate, blocks)
     before = _count(model)
     start = time.perf_counter()
-    dropped = prune_layers(model, calibration, layers, layer_method, batch_size=batch_size, blocks=blocks) if layers else []
+    dropped = []
+    if layers:
+        dropped = prune_layers(model, calibration, layers, layer_method, batch_size=batch_size, blocks=blocks)
     report = prune_width(model, calibration, mlp, heads, method, scope=scope, gqa=gqa, compensate=compensate,
                          batch_size=batch_size, blocks=blocks)
     report.removed_layers = dropped

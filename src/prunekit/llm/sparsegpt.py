@@ -180,26 +180,33 @@ def sparsegpt_group(
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool) if old1 is None else old1.clone()
 
-        # The sweep runs on the block transposed, so each column is one contiguous row.
+        # The sweep runs on the block transposed, so each column is one contiguous row. Per column it issues
+        # few torch calls on views made once per block (the loop is bound by call overhead for narrow layers).
         W1t, mask1t = W1.t().contiguous(), mask1.t().contiguous()
+        keep1t = ~mask1t  # N:M: refreshed for each group of M columns once its mask is chosen
         Err1t = torch.empty_like(W1t)
-        rows_h = Hinv1.unsqueeze(2)  # [i, j, 1]: Hinv1[i, j] as a column, for the rank-one updates
+        product = torch.empty_like(W1t)  # the rank-one update's products, written in place of a temporary
+        w_rows, err_rows, pruned_rows, keep_rows = W1t.unbind(0), Err1t.unbind(0), mask1t.unbind(0), keep1t.unbind(0)
+        d_items, h_rows = d1.unbind(0), Hinv1.unsqueeze(2).unbind(0)  # h_rows[i]: Hinv1[i, :] as a column
         old1t = None if old1 is None else old1.t()
         for i in range(count):
-            w = W1t[i]
+            w, err1 = w_rows[i], err_rows[i]
             if prune_n != 0 and i % prune_m == 0:
                 tmp = W1t[i : i + prune_m].square() / d1[i : i + prune_m].reshape(-1, 1).square()
                 if old1t is not None:
                     tmp = tmp.masked_fill(old1t[i : i + prune_m], float("-inf"))
                 drop = torch.topk(tmp, prune_m - prune_n, dim=0, largest=False).indices
                 mask1t.scatter_(0, i + drop, True)
-            pruned_i = mask1t[i]
-            # (w - q) / d with q = w where kept, 0 where pruned: w where pruned, +0 where kept, exactly.
-            err1 = torch.div(w.masked_fill(~pruned_i, 0), d1[i], out=Err1t[i])
-            # The later columns get the rank-one update (products rounded once, as the reference's K=1
-            # matmul), then column i becomes q.
-            W1t[i + 1 :] -= rows_h[i, i + 1 :] * err1
-            w.masked_fill_(pruned_i, 0)
+                torch.logical_not(mask1t[i : i + prune_m], out=keep1t[i : i + prune_m])
+            # (w - q) / d with q = w where kept, 0 where pruned: w / d where pruned, +0 where kept, exactly.
+            torch.div(w, d_items[i], out=err1).masked_fill_(keep_rows[i], 0)
+            rest = count - i - 1
+            if rest:
+                # The later columns get the rank-one update (products rounded once, as the reference's K=1
+                # matmul; no fused multiply-add, which would round differently), then column i becomes q.
+                W1t.narrow(0, i + 1, rest).sub_(torch.mul(h_rows[i].narrow(0, i + 1, rest), err1,
+                                                          out=product.narrow(0, 0, rest)))
+            w.masked_fill_(pruned_rows[i], 0)
         W1, Err1, mask1 = W1t.t(), Err1t.t().contiguous(), mask1t.t()
 
         losses += Err1.to(torch.float64).square().sum(dim=1)

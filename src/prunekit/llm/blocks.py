@@ -121,9 +121,10 @@ def matrix_to_weight(layer: BlockLayer, matrix: Tensor) -> Tensor:
     return matrix.t() if layer.conv1d else matrix
 
 
-def current_keep(model: nn.Module, layer: BlockLayer) -> Tensor | None:
-    """The layer's existing prunekit mask as an ``(out, in)`` matrix, or None."""
-    mask = get_mask(model, layer.weight_name)
+def current_keep(model: nn.Module, layer: BlockLayer, owners=None) -> Tensor | None:
+    """The layer's existing prunekit mask as an ``(out, in)`` matrix, or None. ``owners``: the weight's owners
+    (``masking.parameter_owners(model)[id(weight)]``) when the caller has them, saving a walk over the model."""
+    mask = get_mask(model, layer.weight_name, owners)
     if mask is None:
         return None
     return mask.t() if layer.conv1d else mask

@@ -322,6 +322,7 @@ def prune_layers(
     method reconstructs. Consecutive layers sharing one accumulator (q/k/v, gate/up) go to the method's
     ``prune_group`` at once. ``owner`` is a module holding every layer (the block, or the model)."""
     owners = masking.parameter_owners(owner)
+    model_owners = owners if owner is model else masking.parameter_owners(model)  # one walk, not two per layer
     groups: list[list[BlockLayer]] = []
     for layer in layers:
         shared = groups and stats.get(layer.name) is not None and stats.get(layer.name) is stats.get(groups[-1][0].name)
@@ -332,12 +333,13 @@ def prune_layers(
     records = []
     for group in groups:
         start = time.perf_counter()
-        befores = [fraction_pruned(masking.get_mask(model, layer.weight_name)) for layer in group]
+        found = [model_owners[id(masking.raw_parameter(layer.module, "weight"))] for layer in group]
+        befores = [fraction_pruned(masking.get_mask(model, layer.weight_name, o)) for layer, o in zip(group, found)]
         acc = None
         for layer in group:
             acc = stats.pop(layer.name, None)
         weights = [weight_matrix(layer) for layer in group]
-        kepts = [current_keep(model, layer) for layer in group]
+        kepts = [current_keep(model, layer, o) for layer, o in zip(group, found)]
         if len(group) > 1:
             results = method.prune_group(weights, acc, sparsity, pattern, kepts)
         else:

@@ -237,8 +237,9 @@ def plot_curves(
 def plot_tradeoff(panels: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
     """Side-by-side scatter panels of labelled points (e.g. tokens/s against quality).
 
-    Each panel is ``{"title", "xlabel", "ylabel", "points": [{"label", "x", "y"}, ...]}``; a point's label is
-    written next to it, and points sharing a label share a colour across panels.
+    Each panel is ``{"title", "xlabel", "ylabel", "points": [{"label", "x", "y"}, ...]}`` (``"invert_y": True``
+    turns the y axis upside down, e.g. so that a lower error sits higher); a point's label is written next to
+    it, and points sharing a label share a colour across panels.
     """
     plt = require_matplotlib()
     labels = list(dict.fromkeys(p["label"] for panel in panels for p in panel["points"]))
@@ -254,6 +255,8 @@ def plot_tradeoff(panels: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
             ax.set_ylabel(panel.get("ylabel", ""))
             ax.set_title(panel.get("title", ""), fontsize=10)
             ax.margins(0.18)
+            if panel.get("invert_y"):
+                ax.invert_yaxis()
             ax.grid(True, alpha=0.3)
         if title:
             fig.suptitle(title, fontsize=11)

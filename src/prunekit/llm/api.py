@@ -16,7 +16,7 @@ from .blocks import find_blocks
 from .allocation import ALLOCATIONS, allocate
 from .methods import LayerMethod, get_method, parse_pattern
 from .recovery import RECOVERIES, Recovered
-from .sequential import SEQUENTIAL_MODES, as_batches, gather_layers, outside_layers, prune_sequential
+from .sequential import SEQUENTIAL_MODES, BlockSource, as_batches, gather_layers, outside_layers, prune_sequential
 
 __all__ = ["prune", "LLMPruneReport"]
 
@@ -101,6 +101,7 @@ def prune(
     outlier_threshold: float = 5.0,
     recovery: str | None = None,
     recovery_steps: int = 10,
+    block_source: BlockSource | None = None,
     **options: Any,
 ) -> LLMPruneReport:
     """Prune every Linear (and GPT-2 ``Conv1D``) inside the transformer blocks of ``model``, in one shot.
@@ -141,6 +142,8 @@ def prune(
             steps of layer-wise least squares on the calibration inputs refine its kept weights (the
             mask is kept; see :mod:`prunekit.llm.recovery`).
         recovery_steps: the number of those steps.
+        block_source: for :func:`prunekit.llm.prune_from_disk`: loads each block's weights before it is
+            pruned and writes and frees them after, so the model's blocks may be on the ``meta`` device.
         **options: method options, e.g. ``blocksize=128, percdamp=0.01`` for SparseGPT.
 
     Returns a report (per-layer sparsity, per-block time). The result is prunekit masks (plus updated
@@ -148,7 +151,8 @@ def prune(
     so does ``model.save_pretrained`` (the dense keys; plain ``from_pretrained`` loads the pruned weights).
     """
     # --- validate everything before any change ---------------------------------------------------
-    check_model(model)  # a module with real weights
+    if block_source is None:
+        check_model(model)  # a module with real weights
     layer_method = get_method(method, **options)
     nm = parse_pattern(pattern)
     if nm is not None:
@@ -202,7 +206,7 @@ def prune(
                 per_block = allocate(model, block_list, layers, batches, allocation, target_sparsity,
                                      allocation_range, outlier_threshold)
             records = prune_sequential(model, blocks_name, block_list, layers, layer_method, per_block, nm,
-                                       batches, callback, extra, sequential)
+                                       batches, callback, extra, sequential, block_source)
     finally:
         if stop is not None:
             stop()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from .blocks import BlockLayer, is_prunable, block_layers, current_keep, matrix_
 from .methods import LayerMethod
 
 __all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord",
-           "gather_layers", "outside_layers", "collect_statistics", "call_groups", "SEQUENTIAL_MODES"]
+           "gather_layers", "outside_layers", "collect_statistics", "call_groups", "SEQUENTIAL_MODES", "BlockSource"]
 
 #: ``"block"``: every layer of a block calibrated on the dense block; ``"layer"``: true sequential within a block
 SEQUENTIAL_MODES = ("block", "layer")
@@ -425,6 +425,17 @@ def prune_outside(
     return prune_layers(model, model, layers, method, sparsity, pattern, stats)
 
 
+class BlockSource(Protocol):
+    """Where the blocks' weights come from when they are not all in memory (see :mod:`prunekit.llm.streaming`):
+    :func:`prune_sequential` calls ``load(i)`` before block ``i`` is used (``load(0)`` also before the
+    calibration batches first run up to the blocks) and ``release(i)`` once block ``i`` is pruned and its
+    outputs computed."""
+
+    def load(self, index: int) -> None: ...
+
+    def release(self, index: int) -> None: ...
+
+
 def prune_sequential(
     model: nn.Module,
     blocks_name: str,
@@ -437,21 +448,29 @@ def prune_sequential(
     progress: Callable[[int, int, float], None] | None = None,
     outside: Sequence[BlockLayer] = (),
     mode: str = "block",
+    source: BlockSource | None = None,
 ) -> list[BlockRecord]:
     """Prune every block in order; ``layers[i]`` are block ``i``'s targets (already validated), pruned to
     ``sparsity`` (one number, or one per block). Layers in ``outside`` (not in any block) are pruned last, at
-    the mean sparsity, as one more step of the progress. ``mode``: see :func:`prune_block`."""
+    the mean sparsity, as one more step of the progress. ``mode``: see :func:`prune_block`. ``source``
+    loads and releases the blocks' weights (see :class:`BlockSource`)."""
     per_block = [float(sparsity)] * len(blocks) if isinstance(sparsity, (int, float)) else [float(s) for s in sparsity]
+    if source is not None:
+        source.load(0)
     inputs = capture_block_inputs(model, blocks, batches) if method.needs_data else None
     steps = len(blocks) + (1 if outside else 0)
     records = []
     for i, block in enumerate(blocks):
         start = time.perf_counter()
+        if source is not None and i:
+            source.load(i)
         layer_records = (prune_block(model, block, layers[i], method, per_block[i], pattern, inputs, i, mode)
                          if layers[i] else [])
         if inputs is not None and i < len(blocks) - 1:
             for b in range(len(inputs.hidden)):
                 inputs.hidden[b] = run_block(block, inputs, i, b).detach()
+        if source is not None:
+            source.release(i)
         seconds = time.perf_counter() - start
         records.append(BlockRecord(i, seconds, layer_records))
         if progress is not None:

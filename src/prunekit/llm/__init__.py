@@ -7,6 +7,7 @@
                  sequential="layer", recovery="lsq")                            # true sequential, least squares
     pk.llm.perplexity(model, heldout_ids, seq_len=2048)
     pk.finalize(model); model.save_pretrained("out")                            # loads as usual
+    pk.llm.prune_from_disk("model_dir", "out", calib, method="wanda")           # bigger than memory: block by block
 
     pk.llm.prune_heads(model, calib, amount=0.25)        # Michel et al. importance, physical removal
     pk.llm.prune_layers(model, calib, num_layers=2)      # Gromov et al. angular distance
@@ -32,12 +33,15 @@ from .layers import angular_distances, layer_importance, prune_layers, remove_la
 from .methods import LLM_METHODS, LayerMethod
 from .nm_format import load_nm, save_nm
 from .perplexity import negative_log_likelihood, perplexity
+from .streaming import needs_low_memory, prune_from_disk
 from .sparsegpt import sparsegpt as sparsegpt_layer
 from .wanda import wanda_mask, wanda_scores
 from .width import WidthReport, prune_depth_width, prune_width, remove_mlp_channels, width_importance
 
 __all__ = [
     "prune",
+    "prune_from_disk",
+    "needs_low_memory",
     "LLMPruneReport",
     "distill",
     "DistillReport",

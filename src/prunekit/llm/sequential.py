@@ -32,7 +32,8 @@ from .blocks import BlockLayer, is_prunable, block_layers, current_keep, matrix_
 from .methods import LayerMethod
 
 __all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord",
-           "gather_layers", "outside_layers", "collect_statistics", "call_groups", "SEQUENTIAL_MODES", "BlockSource"]
+           "gather_layers", "outside_layers", "collect_statistics", "call_groups", "SEQUENTIAL_MODES", "BlockSource",
+           "real_tokens"]
 
 #: ``"block"``: every layer of a block calibrated on the dense block; ``"layer"``: true sequential within a block
 SEQUENTIAL_MODES = ("block", "layer")
@@ -175,6 +176,18 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
     return inputs
 
 
+def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The rows of a layer's input that are real tokens, as ``(tokens, features)``: ``x`` is ``(batch, seq,
+    features)``, or ``(batch * seq, features)`` as OPT's MLP sees it; ``mask`` is ``(batch, seq)`` (None: all)."""
+    if mask is not None:
+        mask = mask.to(x.device)
+        if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[mask]
+        if x.dim() == 2 and x.shape[0] == mask.numel():
+            return x[mask.reshape(-1)]
+    return x.reshape(-1, x.shape[-1])
+
+
 def _to(value, device):
     return value.to(device) if isinstance(value, Tensor) else value
 
@@ -246,11 +259,7 @@ class _StatsPass:
                 self.stats[name] = self.stats[self.owner[name]]
                 self.order.append((name, self.owner[name]))
             if self.owner[name] == name:
-                x = x.detach()
-                mask = self.token_masks[self.batch]
-                if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                    x = x[mask.to(x.device)]
-                self.stats[name].add(x.reshape(-1, x.shape[-1]))
+                self.stats[name].add(real_tokens(x.detach(), self.token_masks[self.batch]))
                 self._last = (args[0], name)
             self._seen.add(name)
             if len(self._seen) == self._count:
@@ -304,11 +313,7 @@ def _attach_stats(layers: Sequence[BlockLayer], method: LayerMethod, token_masks
         stats[layer.name] = acc
 
         def hook(module, args, output, acc=acc):
-            x = args[0].detach()
-            mask = token_masks[current[0]]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask.to(x.device)]
-            acc.add(x.reshape(-1, x.shape[-1]))
+            acc.add(real_tokens(args[0].detach(), token_masks[current[0]]))
 
         handles.append(layer.module.register_forward_hook(hook))
     return stats, handles

@@ -43,7 +43,7 @@ from ..registry import unknown_name_message
 from .blocks import find_blocks
 from .heads import Attention, _take, attention_layers, head_importance, remove_heads, select_heads
 from .layers import prune_layers
-from .sequential import as_batches, capture_block_inputs, run_block
+from .sequential import as_batches, capture_block_inputs, real_tokens, run_block
 from .wanda import wanda_scores
 
 __all__ = [
@@ -163,18 +163,6 @@ class InputMoments:
         return self.m2 + self.count * self.mean.square()
 
 
-def _real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
-    """The rows of ``x`` that are real tokens: ``x`` is ``(batch, seq, features)``, or ``(batch * seq, features)``
-    as OPT's MLP sees it; ``mask`` is ``(batch, seq)``."""
-    if mask is not None:
-        mask = mask.to(x.device)
-        if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            return x[mask]
-        if x.dim() == 2 and x.shape[0] == mask.numel():
-            return x[mask.reshape(-1)]
-    return x.reshape(-1, x.shape[-1])
-
-
 def _matrix(module: nn.Module) -> Tensor:
     """A Linear's or Conv1D's weight as an ``(out, in)`` float64 matrix."""
     w = module.weight.detach()
@@ -224,7 +212,7 @@ def _collect(model: nn.Module, calibration: Any, watch: Sequence[Sequence[nn.Mod
             stats = [InputMoments(m.weight.shape[0] if is_gpt_conv1d(m) else m.weight.shape[1], m.weight.device)
                      for m in watch[i]]
             handles = [m.register_forward_pre_hook(
-                lambda module, args, acc=acc: acc.add(_real_tokens(args[0].detach(), inputs.token_masks[current[0]])))
+                lambda module, args, acc=acc: acc.add(real_tokens(args[0].detach(), inputs.token_masks[current[0]])))
                 for m, acc in zip(watch[i], stats)]
             try:
                 outs = []

@@ -43,6 +43,10 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
 
+class _WrongGuess(Exception):
+    """Raised when the blocks' output type was guessed wrong while recording their inputs."""
+
+
 @dataclass
 class BlockInputs:
     """What the blocks receive, per calibration batch."""
@@ -123,7 +127,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
         first["value"] = _hidden_of(args, kwargs)
         raise _Stop
 
-    # 1. The first batch up to block 0, then block 0 once: is its output a tensor or a tuple?
+    # 1. The first batch up to block 0: its arguments, for the probe below if one is needed.
     handle = blocks[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
     try:
         model(**{k: _to(v, device) for k, v in batches[0].items()}, **extra)
@@ -134,20 +138,38 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
     if "value" not in first:
         raise ValueError("the model's forward pass never reached its first block")
     h, a, kw, as_kwarg = first["value"]
-    out = blocks[0](*a, hidden_states=h, **kw) if as_kwarg else blocks[0](h, *a, **kw)
-    tuple_output = isinstance(out, tuple)
-    del out
 
-    # 2. Every batch through identity blocks, recording each block's arguments.
-    inputs = BlockInputs([], [[] for _ in blocks], [[] for _ in blocks], [], as_kwarg, tuple_output)
+    def probe() -> bool:
+        """Block 0 run once for real: is its output a tuple?"""
+        state["probing"] = True
+        try:
+            out = blocks[0](*a, hidden_states=h, **kw) if as_kwarg else blocks[0](h, *a, **kw)
+        finally:
+            state["probing"] = False
+        return isinstance(out, tuple)
+
+    # 2. Every batch through identity blocks, recording each block's arguments. Whether a block returns a
+    # tensor or a tuple is first guessed (a tensor) and confirmed when block 1 receives the very tensor block 0
+    # returned; otherwise (the model indexed it, or there is one block) a probe decides, as it did before.
+    inputs = BlockInputs([], [[] for _ in blocks], [[] for _ in blocks], [], as_kwarg, False)
+    state: dict[str, Any] = {"tuple": None, "returned": None, "probing": False}
+    if n_blocks == 1:
+        state["tuple"] = probe()
 
     def identity(*args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden,) if tuple_output else hidden
+        state["returned"] = hidden
+        return (hidden,) if state["tuple"] else hidden
 
     def recorder(index: int):
         def hook(module, args, kwargs):
+            if state["probing"]:
+                return
             hidden, rest_args, rest_kwargs, _ = _hidden_of(args, kwargs)
+            if index == 1 and state["tuple"] is None:
+                if hidden is not state["returned"]:
+                    raise _WrongGuess
+                state["tuple"] = False
             inputs.args[index].append(rest_args)
             inputs.kwargs[index].append(rest_kwargs)
             if index == 0:
@@ -162,17 +184,37 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: Seque
         b.forward = identity
     try:
         for batch in batches:
-            try:
-                model(**{k: _to(v, device) for k, v in batch.items()}, **extra)
-            except _Stop:
-                pass
+            for _ in range(2):
+                try:
+                    model(**{k: _to(v, device) for k, v in batch.items()}, **extra)
+                except _Stop:
+                    break
+                except Exception:  # _WrongGuess, or what a wrong guess made the model do (first batch only)
+                    if state["tuple"] is not None:
+                        raise
+                    # forget what the first batch recorded, probe, run it again
+                    for per_block in (inputs.args, inputs.kwargs):
+                        for recorded in per_block:
+                            recorded.clear()
+                    inputs.hidden.clear()
+                    for b in blocks:
+                        del b.forward
+                    try:
+                        state["tuple"] = probe()
+                    finally:
+                        for b in blocks:
+                            b.forward = identity
+                    continue
+                break
             mask = batch.get("attention_mask")
             inputs.token_masks.append(None if mask is None else mask.to(torch.bool))
     finally:
         for b in blocks:
-            del b.forward
+            if "forward" in b.__dict__:
+                del b.forward
         for handle in handles:
             handle.remove()
+    inputs.tuple_output = bool(state["tuple"])
     return inputs
 
 

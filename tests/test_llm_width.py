@@ -66,6 +66,11 @@ def test_fluctuation_and_wanda_scores_by_hand():
     torch.testing.assert_close(W.channel_scores(weight, moments, "flap"), var * col_sq)
     torch.testing.assert_close(W.channel_scores(weight, moments, "wanda"), w64.abs().sum(0) * x64.norm(dim=0))
     torch.testing.assert_close(moments.mean, x64.mean(0))
+    big = torch.randn(2500, 4000) + 10  # more rows than one float64 chunk holds: split and merged exactly
+    chunked = W.InputMoments(4000)
+    chunked.add(big)
+    torch.testing.assert_close(chunked.variance, big.double().var(0))
+    torch.testing.assert_close(chunked.sq_sum, big.double().square().sum(0))
 
 
 @pytest.mark.parametrize("method", ["flap", "wanda"])

@@ -140,7 +140,13 @@ class InputMoments:
         self.m2 = torch.zeros(in_features, dtype=torch.float64, device=device)
 
     def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.reshape(-1, x.shape[-1])
+        rows = max(1, 2**23 // max(x.shape[1], 1))  # float64 copies of at most 64 MB at a time
+        if x.shape[0] > rows:
+            for part in x.split(rows):
+                self.add(part)
+            return
+        x = x.to(torch.float64)
         n = x.shape[0]
         if n == 0:
             return
@@ -235,9 +241,9 @@ def _importance(model: nn.Module, calibration: Any, method: str, mlps: Sequence[
     mlp_m: list[InputMoments | None] = [None] * n
     head_m: list[InputMoments | None] = [None] * n
     if method == "magnitude":
-        mlp_scores = [_mlp_magnitude(m) for m in mlps] if mlps is not None else []
+        mlp_scores = [_mlp_magnitude(m).cpu() for m in mlps] if mlps is not None else []
         if attns is not None:
-            head_scores = [s.double() for s in head_importance(model, method="magnitude", normalize=False,
+            head_scores = [s.double().cpu() for s in head_importance(model, method="magnitude", normalize=False,
                                                                 blocks=blocks)]
         return _Importance(mlp_scores, head_scores, mlp_m, head_m)
     watch = [[*([mlps[i].down] if mlps is not None else []), *([attns[i].o] if attns is not None else [])]
@@ -247,10 +253,10 @@ def _importance(model: nn.Module, calibration: Any, method: str, mlps: Sequence[
         ms = list(ms)
         if mlps is not None:
             mlp_m[i] = ms.pop(0)
-            mlp_scores.append(channel_scores(_matrix(mlps[i].down), mlp_m[i], method))
+            mlp_scores.append(channel_scores(_matrix(mlps[i].down), mlp_m[i], method).cpu())
         if attns is not None:
             head_m[i] = ms.pop(0)
-            head_scores.append(_head_sums(channel_scores(_matrix(attns[i].o), head_m[i], method), attns[i]))
+            head_scores.append(_head_sums(channel_scores(_matrix(attns[i].o), head_m[i], method), attns[i]).cpu())
     return _Importance(mlp_scores, head_scores, mlp_m, head_m)
 
 
@@ -331,7 +337,7 @@ def _add_bias(module: nn.Module, delta: Tensor | None) -> None:
 def _shift(down: nn.Module, removed: Tensor, mean: Tensor) -> Tensor:
     """``W[:, removed] @ mean[removed]``: the removed channels' mean contribution to the output."""
     if removed.numel() == 0:
-        return torch.zeros(_matrix(down).shape[0], dtype=torch.float64)
+        return torch.zeros(down.weight.shape[1 if is_gpt_conv1d(down) else 0], dtype=torch.float64)
     w = _matrix(down)[:, removed.to(down.weight.device)]
     return w @ mean.to(w.device)[removed.to(w.device)]
 
@@ -348,7 +354,7 @@ def remove_mlp_channels(model: nn.Module, channels: Mapping[int, Sequence[int] |
             raise ValueError(f"block {block} out of range (the model has {len(mlps)} blocks)")
         mlp = mlps[int(block)]
         _check_unmasked(mlp.modules, mlp.name)
-        removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1).unique()
+        removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1).unique().cpu()
         if removed.numel() and (int(removed.min()) < 0 or int(removed.max()) >= mlp.width):
             raise ValueError(f"block {block}: channels must be in [0, {mlp.width}), got {removed.tolist()}")
         if removed.numel() >= mlp.width:

@@ -92,6 +92,67 @@ def _inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     raise ValueError("SparseGPT: the Hessian is not positive definite even with strong dampening")
 
 
+class _Sweep:
+    """The column sweep inside one block of columns, on the block transposed (each column one contiguous row).
+
+    The loop is bound by the cost of torch calls for narrow layers, so every view it touches (each column,
+    the later columns it updates, its row of ``Hinv``) is made once per block size in buffers reused for
+    every block of the layer, and a column costs four calls. The arithmetic is the reference's, operation
+    for operation (:func:`sparsegpt`'s tests compare it bit for bit).
+    """
+
+    def __init__(self, blocksize: int, rows: int, dtype: torch.dtype, device) -> None:
+        self.W = torch.empty(blocksize, rows, dtype=dtype, device=device)
+        self.err = torch.empty_like(self.W)
+        self.product = torch.empty_like(self.W)  # the rank-one products, written in place of a temporary
+        self.pruned = torch.empty(blocksize, rows, dtype=torch.bool, device=device)
+        self.keep = torch.empty_like(self.pruned)
+        self.H = torch.empty(blocksize, blocksize, 1, dtype=dtype, device=device)  # Hinv1[i, j] as column vectors
+        self.d = torch.empty(blocksize, dtype=dtype, device=device)
+        self._views: dict[int, tuple] = {}
+
+    def _views_for(self, count: int) -> tuple:
+        if count not in self._views:
+            W, H = self.W[:count], self.H
+            self._views[count] = (
+                W.unbind(0), self.err[:count].unbind(0), self.keep[:count].unbind(0), self.d[:count].unbind(0),
+                [W[i + 1 :] for i in range(count - 1)],  # the later columns of column i
+                [H[i, i + 1 : count] for i in range(count - 1)],  # Hinv1[i, i+1:] as a column
+                [self.product[: count - i - 1] for i in range(count - 1)],
+            )
+        return self._views[count]
+
+    def run(self, W1: Tensor, mask1: Tensor, Hinv1: Tensor, d1: Tensor, old1: Tensor | None, prune_n: int,
+            prune_m: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Sweep the ``(rows, count)`` block ``W1`` with the pruned mask ``mask1`` (N:M: the old mask, the groups
+        chosen here). Returns ``(W1 updated, Err1, mask1)``; pruned entries of ``W1`` are left for the caller
+        to zero (the reference's ``q`` is ``w`` where kept, 0 where pruned)."""
+        count = W1.shape[1]
+        Wt, pruned, keep = self.W[:count], self.pruned[:count], self.keep[:count]
+        Wt.copy_(W1.t())
+        pruned.copy_(mask1.t())
+        torch.logical_not(pruned, out=keep)  # N:M: refreshed for each group of M columns once it is chosen
+        self.H[:count, :count, 0].copy_(Hinv1)
+        self.d[:count].copy_(d1)
+        w_rows, err_rows, keep_rows, d_items, tails, h_tails, products = self._views_for(count)
+        old1t = None if old1 is None else old1.t()
+        for i in range(count):
+            if prune_n != 0 and i % prune_m == 0:
+                tmp = Wt[i : i + prune_m].square() / d1[i : i + prune_m].reshape(-1, 1).square()
+                if old1t is not None:
+                    tmp = tmp.masked_fill(old1t[i : i + prune_m], float("-inf"))
+                drop = torch.topk(tmp, prune_m - prune_n, dim=0, largest=False).indices
+                pruned.scatter_(0, i + drop, True)
+                torch.logical_not(pruned[i : i + prune_m], out=keep[i : i + prune_m])
+            # (w - q) / d with q = w where kept, 0 where pruned: w / d where pruned, +0 where kept, exactly.
+            err1 = torch.div(w_rows[i], d_items[i], out=err_rows[i]).masked_fill_(keep_rows[i], 0)
+            if i < count - 1:
+                # The later columns get the rank-one update (products rounded once, as the reference's K=1
+                # matmul; no fused multiply-add, which would round differently).
+                tails[i].sub_(torch.mul(h_tails[i], err1, out=products[i]))
+        return Wt.t(), self.err[:count].t().contiguous(), pruned.t()
+
+
 def sparsegpt(
     weight: Tensor,
     H: Tensor,
@@ -156,10 +217,10 @@ def sparsegpt_group(
     for r in rows_each:
         bounds.append(bounds[-1] + r)
 
+    sweep = _Sweep(min(blocksize, columns), rows, W.dtype, W.device)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, i1:i2]
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
         old1 = None if old_pruned is None else old_pruned[:, i1:i2]
@@ -180,41 +241,14 @@ def sparsegpt_group(
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool) if old1 is None else old1.clone()
 
-        # The sweep runs on the block transposed, so each column is one contiguous row. Per column it issues
-        # few torch calls on views made once per block (the loop is bound by call overhead for narrow layers).
-        W1t, mask1t = W1.t().contiguous(), mask1.t().contiguous()
-        keep1t = ~mask1t  # N:M: refreshed for each group of M columns once its mask is chosen
-        Err1t = torch.empty_like(W1t)
-        product = torch.empty_like(W1t)  # the rank-one update's products, written in place of a temporary
-        w_rows, err_rows, pruned_rows, keep_rows = W1t.unbind(0), Err1t.unbind(0), mask1t.unbind(0), keep1t.unbind(0)
-        d_items, h_rows = d1.unbind(0), Hinv1.unsqueeze(2).unbind(0)  # h_rows[i]: Hinv1[i, :] as a column
-        old1t = None if old1 is None else old1.t()
-        for i in range(count):
-            w, err1 = w_rows[i], err_rows[i]
-            if prune_n != 0 and i % prune_m == 0:
-                tmp = W1t[i : i + prune_m].square() / d1[i : i + prune_m].reshape(-1, 1).square()
-                if old1t is not None:
-                    tmp = tmp.masked_fill(old1t[i : i + prune_m], float("-inf"))
-                drop = torch.topk(tmp, prune_m - prune_n, dim=0, largest=False).indices
-                mask1t.scatter_(0, i + drop, True)
-                torch.logical_not(mask1t[i : i + prune_m], out=keep1t[i : i + prune_m])
-            # (w - q) / d with q = w where kept, 0 where pruned: w / d where pruned, +0 where kept, exactly.
-            torch.div(w, d_items[i], out=err1).masked_fill_(keep_rows[i], 0)
-            rest = count - i - 1
-            if rest:
-                # The later columns get the rank-one update (products rounded once, as the reference's K=1
-                # matmul; no fused multiply-add, which would round differently), then column i becomes q.
-                W1t.narrow(0, i + 1, rest).sub_(torch.mul(h_rows[i].narrow(0, i + 1, rest), err1,
-                                                          out=product.narrow(0, 0, rest)))
-            w.masked_fill_(pruned_rows[i], 0)
-        W1, Err1, mask1 = W1t.t(), Err1t.t().contiguous(), mask1t.t()
+        W1, Err1, mask1 = sweep.run(W1, mask1, Hinv1, d1, old1, prune_n, prune_m)
 
         losses += Err1.to(torch.float64).square().sum(dim=1)
         W[:, i1:i2] = W1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
-    W[pruned] = 0  # exact zeros (the sweep already wrote 0; this guards against -0.0 / NaN noise)
+    W[pruned] = 0  # the reference's q: exact zeros where pruned
     return [(W[r0:r1], ~pruned[r0:r1], float(losses[r0:r1].sum()) / 2) for r0, r1 in zip(bounds, bounds[1:])]
 
 

@@ -235,6 +235,7 @@ def llama(args, log) -> dict:
     rows = []
     for name, (model, seconds, extra) in built.items():
         rows.append({"variant": name, "build_seconds": seconds, "block_params": _block_params(model),
+                     "blocks": len(pk.llm.find_blocks(model)[1]),
                      "params": sum(p.numel() for p in model.parameters()), **causal_quality(model, dense_logits, windows),
                      **extra})
     log("llama: speed")
@@ -266,6 +267,7 @@ def minilm(args, log) -> dict:
     rows = []
     for name, (model, seconds, extra) in built.items():
         rows.append({"variant": name, "build_seconds": seconds, "block_params": _block_params(model),
+                     "blocks": len(pk.llm.find_blocks(model)[1]),
                      "params": sum(p.numel() for p in model.parameters()),
                      "similarity": pk.llm.embedding_similarity(model, reference, inputs), **extra})
     log("all-MiniLM: speed")
@@ -283,6 +285,10 @@ def minilm(args, log) -> dict:
 # --- report -----------------------------------------------------------------------------------------------
 
 
+def _blocks(row: dict) -> str:
+    return str(row.get("blocks", "-"))
+
+
 def markdown(result: dict) -> str:
     lines = ["# Structured LLM compression: tokens/s against quality (batch 1, one thread)", ""]
     q = result.get("llama")
@@ -297,12 +303,12 @@ def markdown(result: dict) -> str:
             f"Quality on {c['eval_tokens']} held-out tokens ({c['ids']}); calibration {c['calibration']}; "
             f"distillation text {c['distillation']}.",
             "",
-            "| variant | block params | prefill tok/s | decode tok/s | KL to dense (nats/token) | perplexity | build s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| variant | blocks | block params | prefill tok/s | decode tok/s | KL to dense (nats/token) | perplexity | build s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in q["rows"]:
             lines.append(
-                f"| {r['variant']} | {r['block_params'] / 1e6:.2f}M | {r['prefill_tokens_per_s']:.0f} "
+                f"| {r['variant']} | {_blocks(r)} | {r['block_params'] / 1e6:.2f}M | {r['prefill_tokens_per_s']:.0f} "
                 f"({r['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}×) | {r['decode_tokens_per_s']:.1f} "
                 f"({r['decode_tokens_per_s'] / dense['decode_tokens_per_s']:.2f}×) | {r['kl_to_dense']:.4f} | "
                 f"{r['perplexity']:.0f} | {r['build_seconds']:.1f} |")
@@ -318,11 +324,11 @@ def markdown(result: dict) -> str:
             f"mean-pooled embeddings to the dense model on {c['sentences']} held-out sentences (calibration "
             f"{c['calibration']}; distillation text {c['distillation']})",
             "",
-            "| variant | block params | tokens/s | embedding similarity | build s |",
-            "|---|---:|---:|---:|---:|",
+            "| variant | blocks | block params | tokens/s | embedding similarity | build s |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for r in m["rows"]:
-            lines.append(f"| {r['variant']} | {r['block_params'] / 1e6:.2f}M | {r['prefill_tokens_per_s']:.0f} "
+            lines.append(f"| {r['variant']} | {_blocks(r)} | {r['block_params'] / 1e6:.2f}M | {r['prefill_tokens_per_s']:.0f} "
                          f"({r['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}×) | {r['similarity']:.3f} | "
                          f"{r['build_seconds']:.1f} |")
     d = result["distill"]

@@ -30,6 +30,7 @@ def test_llm_structured_benchmark_smoke_run(tmp_path):
     assert rows["2:4"]["block_params"] == dense["block_params"]  # masks: the same matrices
     assert rows["width 50%"]["block_params"] < rows["width 25%"]["block_params"] < dense["block_params"]
     assert rows["depth 25%"]["block_params"] == dense["block_params"] * 3 // 4  # 1 of 4 blocks
+    assert [r["blocks"] for r in rows.values()] == [4, 4, 4, 4, 3, 3, 3]
     assert rows["width + depth + distill"]["block_params"] == rows["width + depth"]["block_params"]
     assert rows["width + depth + distill"]["loss_last"] < rows["width + depth + distill"]["loss_first"]
     for r in rows.values():

@@ -237,7 +237,13 @@ def distill(
         seed: the order of the batches.
         progress: ``True`` for a rich progress bar, or a callable ``(step, steps, loss)``.
 
-    Returns a :class:`DistillReport` with every step's loss. Everything is checked before the student changes.
+    Returns a :class:`DistillReport` with every step's loss. Everything is checked before the student changes
+    (output shapes at the first step, before its update); a loss that turns non-finite later raises
+    ``FloatingPointError`` and leaves the student with the steps taken until then.
+
+    Why not ``prune(recovery="distill")``: ``prune``'s recovery refines each layer inside the block loop, on that
+    layer's calibration inputs; distillation needs a dense copy as teacher and trains the whole model after any
+    mix of ``prune``, ``prune_width`` and ``prune_layers``, so it is a call of its own.
     """
     # --- validate everything before any change ---------------------------------------------------
     check_model(student, "distill")

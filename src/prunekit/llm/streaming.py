@@ -127,6 +127,8 @@ def _key_map(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
             out[key] = key
         elif prefix and f"{prefix}.{key}" in names:
             out[key] = f"{prefix}.{key}"
+        elif prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in names:  # a base model
+            out[key] = key[len(prefix) + 1 :]
     return out
 
 

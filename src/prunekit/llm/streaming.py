@@ -176,10 +176,10 @@ class _DiskBlocks:
         self.block_keys: list[list[str]] = [[] for _ in range(num_blocks)]
         self.other_keys: list[str] = []
         for key in checkpoint.tensors:
-            parts = key_map.get(key, "").removeprefix(blocks_name + ".").split(".", 1)
-            inside = key_map.get(key, "").startswith(blocks_name + ".") and parts[0].isdigit()
-            if inside and int(parts[0]) < num_blocks:
-                self.block_keys[int(parts[0])].append(key)
+            name = key_map.get(key, "")
+            index = name[len(blocks_name) + 1 :].split(".", 1)[0] if name.startswith(blocks_name + ".") else ""
+            if index.isdigit() and int(index) < num_blocks:
+                self.block_keys[int(index)].append(key)
             else:
                 self.other_keys.append(key)
         output = set(_output_embedding_names(model))
@@ -215,8 +215,7 @@ class _DiskBlocks:
             name = self.key_map[key]
             self.writer.write(key, self.model.get_parameter(name) if _is_parameter(self.model, name)
                               else self.model.get_buffer(name))
-        for key in keys:
-            _free(self.model, self.key_map[key])
+            _free(self.model, name)
         if index == 0:
             for key in self.front:
                 _free(self.model, self.key_map[key])

@@ -475,10 +475,12 @@ def prune_outside(
 class BlockSource(Protocol):
     """Where the blocks' weights come from when they are not all in memory (see :mod:`prunekit.llm.streaming`):
     :func:`prune_sequential` calls ``load(i)`` before block ``i`` is used (``load(0)`` also before the
-    calibration batches first run up to the blocks) and ``release(i)`` once block ``i`` is pruned and its
-    outputs computed."""
+    calibration batches first run up to the blocks), ``captured()`` once they have (what runs before the
+    blocks is no longer needed) and ``release(i)`` once block ``i`` is pruned and its outputs computed."""
 
     def load(self, index: int) -> None: ...
+
+    def captured(self) -> None: ...
 
     def release(self, index: int) -> None: ...
 
@@ -505,6 +507,8 @@ def prune_sequential(
     if source is not None:
         source.load(0)
     inputs = capture_block_inputs(model, blocks, batches) if method.needs_data else None
+    if source is not None:
+        source.captured()
     steps = len(blocks) + (1 if outside else 0)
     records = []
     for i, block in enumerate(blocks):

@@ -77,17 +77,21 @@ class Hessian:
 
 def _inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     """The upper Cholesky factor of ``(H + damp I)^-1``, retrying with 10x the dampening if ``H`` is not
-    positive definite in float32."""
+    positive definite in float32. ``H`` (the caller's own copy) is dampened in place and no factor outlives
+    its use, so at most three ``(in, in)`` matrices exist at once (this bounds streaming's peak memory)."""
     diag = torch.arange(H.shape[0], device=H.device)
-    damp = percdamp * torch.mean(torch.diag(H))
+    undamped = torch.diag(H)
+    damp = percdamp * torch.mean(undamped)
     for _ in range(6):
-        Hd = H.clone()
-        Hd[diag, diag] += damp
-        L, info = torch.linalg.cholesky_ex(Hd)
+        H[diag, diag] = undamped + damp
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return U
+            del inverse, U
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=H.device)
     raise ValueError("SparseGPT: the Hessian is not positive definite even with strong dampening")
 

@@ -216,9 +216,11 @@ class _DiskBlocks:
             self.writer.write(key, self.model.get_parameter(name) if _is_parameter(self.model, name)
                               else self.model.get_buffer(name))
             _free(self.model, name)
-        if index == 0:
-            for key in self.front:
-                _free(self.model, self.key_map[key])
+        _trim_heap()
+
+    def captured(self) -> None:
+        for key in self.front:  # the embeddings: block 0's inputs are computed
+            _free(self.model, self.key_map[key])
         _trim_heap()
 
     def finish(self, report: LLMPruneReport, source: Path, metadata: dict[str, Any]) -> None:

@@ -372,7 +372,7 @@ def markdown(result: dict) -> str:
                     f"{cells[c]['cosine']:.3f} ({cells[c]['seconds']:.0f} s)" if c in cells else "-" for c in cols) + " |")
     if q and q.get("measured_at"):
         lines += ["", f"The all-MiniLM tables were measured at commit {q['measured_at']['commit']} (same masks and "
-                  "weights: the later changes only make SparseGPT faster, bit for bit)."]
+                  "weights: the later changes only make pruning faster, bit for bit)."]
     lines += ["", f"Measured at commit {result['source']['commit']}"
               + (f" with local changes in {', '.join(result['source']['modified'])}" if result['source']['modified'] else "")
               + f"; torch {result['machine']['torch']}, Python {result['machine']['python']}."]

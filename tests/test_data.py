@@ -287,3 +287,9 @@ def test_small_convnets_learn_synthetic_images(factory):
     model = factory(in_channels=3, num_classes=4)
     data.train(model, train_loader, epochs=3, lr=1e-3)
     assert data.evaluate(model, test_loader) > 0.8  # chance is 0.25
+
+
+def test_reachable_as_an_attribute_of_the_package():
+    import prunekit as pk
+
+    assert pk.data is data  # the README's lottery-ticket example calls pk.data.train

@@ -247,3 +247,18 @@ def test_a_config_without_architectures_streams_as_the_base_model(tmp_path):
     streamed = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, streamed.state_dict()[key]), key
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_smoke_run(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llm_streaming.py"), "--smoke", "--dir",
+                             str(tmp_path / "models"), "--out", str(tmp_path / "results")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "results" / "llm_streaming.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["sparsegpt", "wanda"]
+    for r in data["runs"]:
+        assert r["sparsity"] == pytest.approx(0.5) and r["down_proj_zero_fraction"] == pytest.approx(0.5)
+        assert r["peak_extra_bytes"] > 0 and len(r["block_seconds"]) == 6
+    assert data["model"]["bytes"] == 4 * (512 * 128 * 2 + 6 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352 + 2 * 128) + 128)
+    assert not (tmp_path / "models").exists()  # the models are deleted unless --keep

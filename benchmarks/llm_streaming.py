@@ -113,9 +113,9 @@ def markdown(result: dict) -> str:
         "# Pruning a model bigger than memory: `pk.llm.prune_from_disk`",
         "",
         f"{m['description']}: {m['bytes'] / 1e9:.2f} GB of float32 weights in {m['shards']} safetensors shards; "
-        f"one block {m['block_bytes'] / _MB:.0f} MB ({m['block_bytes'] / m['bytes']:.1%} of the model), SparseGPT's "
-        f"largest Hessian {m['hessian_bytes'] / _MB:.0f} MB. Calibration: {result['samples']} x {result['seq_len']} "
-        f"random token ids, whose hidden states take {result['activation_bytes'] / _MB:.0f} MB. 50% unstructured, "
+        f"one block {m['block_bytes'] / _MB:.0f} MiB ({m['block_bytes'] / m['bytes']:.1%} of the model), SparseGPT's "
+        f"largest Hessian {m['hessian_bytes'] / _MB:.0f} MiB. Calibration: {result['samples']} x {result['seq_len']} "
+        f"random token ids, whose hidden states take {result['activation_bytes'] / _MB:.0f} MiB. 50% unstructured, "
         f"one thread, {result['machine']['cpu']}; the model written to and read from `{result['dir_kind']}`.",
         "",
         "| method | peak extra memory | % of the model | less the activations, % of the model | wall time | zeros in a pruned layer |",
@@ -127,7 +127,7 @@ def markdown(result: dict) -> str:
             continue
         peak = r["peak_extra_bytes"]
         lines.append(
-            f"| `{r['method']}` | {peak / _MB:.0f} MB{'' if r['exact'] else ' (lower bound)'} | {peak / m['bytes']:.1%} | "
+            f"| `{r['method']}` | {peak / _MB:.0f} MiB{'' if r['exact'] else ' (lower bound)'} | {peak / m['bytes']:.1%} | "
             f"{(peak - result['activation_bytes']) / m['bytes']:.1%} | {r['wall_s'] / 60:.1f} min | "
             f"{r['down_proj_zero_fraction']:.1%} |")
     lines += [

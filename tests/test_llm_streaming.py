@@ -263,3 +263,16 @@ def test_streaming_benchmark_smoke_run(tmp_path):
         assert r["peak_extra_bytes"] > 0 and len(r["block_seconds"]) == 6
     assert data["model"]["bytes"] == 4 * (512 * 128 * 2 + 6 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 352 + 2 * 128) + 128)
     assert not (tmp_path / "models").exists()  # the models are deleted unless --keep
+
+
+def test_a_bfloat16_checkpoint_is_pruned_and_written_in_bfloat16(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=3).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "in", max_shard_size="40KB")
+    calib = pk.llm.random_calibration(256, 8, 32)
+    reference, _ = _in_memory(tmp_path / "in", calib, method="sparsegpt")
+    assert reference.dtype == torch.bfloat16  # from_pretrained keeps the checkpoint's dtype
+    pk.llm.prune_from_disk(tmp_path / "in", tmp_path / "out", calib, method="sparsegpt", batch_size=4)
+    assert {t.dtype for t in Checkpoint(tmp_path / "out").tensors.values()} == {"BF16"}
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, streamed.state_dict()[key]), key

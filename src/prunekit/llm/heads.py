@@ -242,7 +242,7 @@ def _index(heads: Sequence[int], d: int, device) -> Tensor:
     return (h.reshape(-1, 1) * d + torch.arange(d, device=device)).reshape(-1)
 
 
-def _take(module: nn.Module, index: Tensor, output: bool) -> None:
+def take_channels(module: nn.Module, index: Tensor, output: bool) -> None:
     """Keep the given output units (``output=True``) or input units of a Linear or Conv1D, in place."""
     conv1d = is_gpt_conv1d(module)
     w = module.weight
@@ -299,15 +299,15 @@ def _apply(attn: Attention, kept: list[int], kept_kv: list[int]) -> None:
     q_idx = _index(kept, d, dev)
     if attn.style == "gpt2":
         e = attn.num_heads * d
-        _take(attn.qkv, torch.cat([q_idx, q_idx + e, q_idx + 2 * e]), output=True)
-        _take(attn.o, q_idx, output=False)
+        take_channels(attn.qkv, torch.cat([q_idx, q_idx + e, q_idx + 2 * e]), output=True)
+        take_channels(attn.o, q_idx, output=False)
         set_head_counts(attn, len(kept), len(kept))
         return
     kv_idx = _index(kept_kv, d, dev)
-    _take(attn.q, q_idx, output=True)
-    _take(attn.k, kv_idx, output=True)
-    _take(attn.v, kv_idx, output=True)
-    _take(attn.o, q_idx, output=False)
+    take_channels(attn.q, q_idx, output=True)
+    take_channels(attn.k, kv_idx, output=True)
+    take_channels(attn.v, kv_idx, output=True)
+    take_channels(attn.o, q_idx, output=False)
     set_head_counts(attn, len(kept), len(kept_kv))
 
 

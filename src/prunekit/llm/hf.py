@@ -30,11 +30,11 @@ __all__ = [
 ]
 
 
-def _offline() -> None:
+def offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _check_dir(path: str | os.PathLike) -> Path:
+def check_model_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
@@ -48,7 +48,7 @@ def is_causal_lm(config: Any) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (getattr(config, "architectures", None) or []))
 
 
-def _auto_class(config: Any):
+def model_class(config: Any):
     import transformers as tf
 
     return tf.AutoModelForCausalLM if is_causal_lm(config) else tf.AutoModel
@@ -57,8 +57,8 @@ def _auto_class(config: Any):
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """A model from a local folder (no hub access), in eval mode; heads removed by prunekit are restored.
     A compressed-tensors sparse folder is refused (``ValueError``): ``prunekit.llm.load_compressed`` reads it."""
-    _offline()
-    path = _check_dir(path)
+    offline()
+    path = check_model_dir(path)
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -72,7 +72,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.
         # transformers 5 would leave the compressed Linear weights random, with a warning only
         raise ValueError(f"{path} holds a compressed-tensors sparse model (sparse-bitmask / sparse-24-bitmask), which "
                          "transformers 5 does not decompress: load it with prunekit.llm.load_compressed")
-    return _auto_class(config).from_pretrained(str(path), **kwargs).eval()
+    return model_class(config).from_pretrained(str(path), **kwargs).eval()
 
 
 def compression_config(config: Any) -> dict | None:
@@ -86,7 +86,7 @@ def compression_config(config: Any) -> dict | None:
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer of a local folder (``ValueError`` naming the folder when it has none)."""
-    _offline()
+    offline()
     import transformers as tf
 
     try:
@@ -123,8 +123,8 @@ def _weight_files(path: Path) -> list[Path]:
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
     """Reload a saved model whose attention heads prunekit removed (any counts per block) or whose MLP widths
     it pruned (``config.prunekit_mlp``, any width per block)."""
-    _offline()
-    path = _check_dir(path)
+    offline()
+    path = check_model_dir(path)
     import transformers as tf
     from safetensors.torch import load_file
 
@@ -136,7 +136,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     widths = (getattr(config, "prunekit_mlp", None) or {}).get("widths")
     if info is None and widths is None:
         return load_model(path, dtype=dtype)
-    model = _auto_class(config).from_config(config)
+    model = model_class(config).from_config(config)
     if info is not None:
         attns = attention_layers(model)
         heads, kv = info["num_heads"], info["num_kv_heads"]
@@ -172,7 +172,4 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 
 
 # The helpers other loaders build on (compressed-tensors, streaming), under public names.
-offline = _offline  # no hub access from here on
-check_model_dir = _check_dir  # the folder as a Path, or FileNotFoundError
-model_class = _auto_class  # AutoModelForCausalLM for a causal LM config, else AutoModel
 weight_files = _weight_files  # the safetensors files of a folder (single or sharded)

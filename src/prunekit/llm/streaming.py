@@ -39,7 +39,7 @@ from ..outputs import RunOutput
 from ..masking import finalize
 from .api import LLMPruneReport, prune
 from .blocks import find_blocks
-from .hf import _auto_class, _check_dir, _offline
+from .hf import check_model_dir, model_class, offline
 from .shards import DTYPES, INDEX, Checkpoint, ShardWriter, parse_size
 
 __all__ = ["prune_from_disk", "needs_low_memory", "available_memory", "REPORT_FILE"]
@@ -111,7 +111,7 @@ def _parameters_on_meta() -> Iterator[None]:
 def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """The model with its parameters on the meta device and its buffers (rotary tables, ...) computed."""
     with _parameters_on_meta():
-        model = _auto_class(config).from_config(config, dtype=dtype)
+        model = model_class(config).from_config(config, dtype=dtype)
     model.tie_weights()  # on the meta device the tying is not done by itself (transformers 5)
     _trim_heap()  # each parameter was allocated for a moment before going to the meta device
     return model.eval()
@@ -296,8 +296,8 @@ def prune_from_disk(
     Returns the report of :func:`prunekit.llm.prune`; it is also written to ``out_dir/prune_report.json``.
     Bad arguments raise before any file is created; a failure later leaves ``out_dir`` as it was.
     """
-    _offline()
-    model_dir = _check_dir(model_dir)
+    offline()
+    model_dir = check_model_dir(model_dir)
     out = _output(model_dir, out_dir)
     shard_bytes = parse_size(max_shard_size)
     if isinstance(allocation, str) and allocation != "uniform":

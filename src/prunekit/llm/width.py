@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 from ..modules import check_model, eval_mode, is_gpt_conv1d
 from ..registry import unknown_name_message
 from .blocks import find_blocks
-from .heads import Attention, _take, attention_layers, head_importance, remove_heads, select_heads
+from .heads import Attention, take_channels, attention_layers, head_importance, remove_heads, select_heads
 from .layers import prune_layers
 from .sequential import as_batches, capture_block_inputs, real_tokens, run_block
 from .wanda import wanda_scores
@@ -372,8 +372,8 @@ def remove_mlp_channels(model: nn.Module, channels: Mapping[int, Sequence[int] |
     for block, keep in plans.items():
         mlp = mlps[block]
         for m in mlp.inputs:
-            _take(m, keep.to(m.weight.device), output=True)
-        _take(mlp.down, keep.to(mlp.down.weight.device), output=False)
+            take_channels(m, keep.to(m.weight.device), output=True)
+        take_channels(mlp.down, keep.to(mlp.down.weight.device), output=False)
     if need_flag:  # the config's flag gives every MLP projection a bias: zero ones where there is none
         for mlp in mlps:
             for m in mlp.modules:

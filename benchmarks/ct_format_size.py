@@ -16,7 +16,6 @@ Results go to ``benchmarks/results/ct_format_size.{md,json}`` (``--no-save``: pr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import prunekit as pk  # noqa: E402
+from measuring import save_results  # noqa: E402  (atomic .md and .json)
 from prunekit.llm.methods import parse_pattern  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,9 +93,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "ct_format_size.md").write_text(text)
-        (RESULTS / "ct_format_size.json").write_text(json.dumps(rows, indent=2) + "\n")
+        save_results(RESULTS, "ct_format_size", text, rows)
     return 0 if all(r["exact"] for r in rows) else 1
 
 

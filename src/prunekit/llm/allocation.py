@@ -14,6 +14,9 @@ average (weighted by the blocks' prunable weights) to the target:
 The scores map linearly onto densities in ``[1 - S - lambda, 1 - S + lambda]`` (OWL's rule: min-max
 scaled to width ``2 lambda``, then shifted so the mean density is ``1 - S``); ``lambda`` is
 ``allocation_range`` (OWL's 0.08 by default).
+
+The scoring pass also runs on a model whose blocks are on the ``meta`` device (``pk.llm.prune_from_disk``):
+a read-only block source loads each block from disk before it runs and frees it after, writing nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import masking
 from .blocks import BlockLayer, matrix_to_weight, weight_matrix
-from .sequential import capture_block_inputs, collect_statistics, run_block
+from .sequential import BlockSource, capture_block_inputs, collect_statistics, run_block
 from .wanda import Wanda, wanda_mask, wanda_scores
 
 __all__ = ["ALLOCATIONS", "outlier_ratio", "scores_to_sparsities", "block_scores", "allocate"]
@@ -71,12 +74,23 @@ def _prune_temporarily(layers: Sequence[BlockLayer], stats: Mapping, sparsity: f
 
 @torch.no_grad()
 def block_scores(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Sequence[BlockLayer]],
-                 batches: Sequence[Mapping], sparsity: float, threshold: float = 5.0) -> dict[str, list[float]]:
+                 batches: Sequence[Mapping], sparsity: float, threshold: float = 5.0,
+                 source: BlockSource | None = None) -> dict[str, list[float]]:
     """``{"owl": outlier ratios, "sensitivity": relative output errors}``, one per block, from a pass of the
-    dense model (plus one pass of each block with Wanda's mask at ``sparsity``, restored afterwards)."""
+    dense model (plus one pass of each block with Wanda's mask at ``sparsity``, restored afterwards).
+
+    ``source`` (a read-only :class:`~prunekit.llm.sequential.BlockSource`, for blocks on the ``meta`` device)
+    loads block ``i`` before it is used and frees it once its outputs are computed, as the pruning pass does:
+    one block in memory at a time."""
+    if source is not None:
+        source.load(0)
     inputs = capture_block_inputs(model, blocks, batches)
+    if source is not None:
+        source.captured()
     out: dict[str, list[float]] = {"owl": [], "sensitivity": []}
     for i, block in enumerate(blocks):
+        if source is not None and i:
+            source.load(i)
         dense = [run_block(block, inputs, i, b).detach() for b in range(len(inputs.hidden))]
         if layers[i]:
             stats, _ = collect_statistics(block, layers[i], Wanda(), inputs, i)
@@ -98,14 +112,17 @@ def block_scores(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Seque
             out["owl"].append(0.0)
             out["sensitivity"].append(0.0)
         inputs.hidden = dense
+        if source is not None:
+            source.release(i)
     return out
 
 
 def allocate(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Sequence[BlockLayer]],
              batches: Sequence[Mapping], allocation: str, sparsity: float, lam: float = 0.08,
-             threshold: float = 5.0) -> list[float]:
-    """One sparsity per block for ``allocation`` (``"owl"`` or ``"sensitivity"``), averaging to ``sparsity``."""
-    scores = block_scores(model, blocks, layers, batches, sparsity, threshold)[allocation]
+             threshold: float = 5.0, source: BlockSource | None = None) -> list[float]:
+    """One sparsity per block for ``allocation`` (``"owl"`` or ``"sensitivity"``), averaging to ``sparsity``;
+    ``source``: see :func:`block_scores`."""
+    scores = block_scores(model, blocks, layers, batches, sparsity, threshold, source)[allocation]
     weights = [sum(layer.in_features * layer.out_features for layer in block) for block in layers]
     pruned = [(s, w) for s, w in zip(scores, weights) if w]
     result = iter(scores_to_sparsities([s for s, _ in pruned], sparsity, lam, [w for _, w in pruned]))

@@ -16,7 +16,8 @@ from .blocks import find_blocks
 from .allocation import ALLOCATIONS, allocate
 from .methods import LayerMethod, get_method, parse_pattern
 from .recovery import RECOVERIES, Recovered
-from .sequential import SEQUENTIAL_MODES, BlockSource, as_batches, gather_layers, outside_layers, prune_sequential
+from .sequential import (SEQUENTIAL_MODES, BlockSource, RereadableBlockSource, as_batches, gather_layers,
+                         outside_layers, prune_sequential)
 
 __all__ = ["prune", "LLMPruneReport"]
 
@@ -143,7 +144,9 @@ def prune(
             mask is kept; see :mod:`prunekit.llm.recovery`).
         recovery_steps: the number of those steps.
         block_source: for :func:`prunekit.llm.prune_from_disk`: loads each block's weights before it is
-            pruned and writes and frees them after, so the model's blocks may be on the ``meta`` device.
+            pruned and writes and frees them after, so the model's blocks may be on the ``meta`` device
+            (:class:`~prunekit.llm.sequential.BlockSource`). OWL and sensitivity allocation need its
+            ``read_only()`` (:class:`~prunekit.llm.sequential.RereadableBlockSource`) for their dense pass.
         **options: method options, e.g. ``blocksize=128, percdamp=0.01`` for SparseGPT.
 
     Returns a report (per-layer sparsity, per-block time). The result is prunekit masks (plus updated
@@ -189,6 +192,11 @@ def prune(
         raise ValueError(f"sequential must be one of {', '.join(map(repr, SEQUENTIAL_MODES))}, got {sequential!r}")
     per_block = _check_allocation(allocation, len(block_list), nm, layer_method, allocation_range,
                                   outlier_threshold, target_sparsity)
+    scored = isinstance(allocation, str) and allocation != "uniform"
+    if scored and block_source is not None and not isinstance(block_source, RereadableBlockSource):
+        raise ValueError(f"allocation={allocation!r} scores the dense blocks in a pass before pruning; the block_source "
+                         f"{type(block_source).__name__} has no read_only() to load them for it (see "
+                         "prunekit.llm.sequential.RereadableBlockSource); use 'uniform' or one sparsity per block")
     if recovery not in RECOVERIES:
         raise ValueError(f"recovery must be None or 'lsq', got {recovery!r}")
     if recovery is not None:
@@ -202,9 +210,10 @@ def prune(
         callback = progress
     try:
         with eval_mode(model), torch.no_grad():
-            if isinstance(allocation, str) and allocation != "uniform":
+            if scored:
                 per_block = allocate(model, block_list, layers, batches, allocation, target_sparsity,
-                                     allocation_range, outlier_threshold)
+                                     allocation_range, outlier_threshold,
+                                     block_source.read_only() if block_source is not None else None)
             records = prune_sequential(model, blocks_name, block_list, layers, layer_method, per_block, nm,
                                        batches, callback, extra, sequential, block_source)
     finally:

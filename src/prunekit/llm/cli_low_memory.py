@@ -3,8 +3,8 @@
 The model is never loaded whole: :func:`prunekit.llm.prune_from_disk` streams its blocks from the
 safetensors shards and writes the pruned shards to ``--out``. Only the tokenizer is loaded, to draw the
 calibration sequences exactly as the in-memory branch does (same windows, same seed). What needs the
-whole model is refused (structured removal, OWL/sensitivity allocation, distillation, other formats) or
-skipped (perplexity before and after).
+whole model is refused (structured removal, distillation, other formats) or skipped (perplexity before and
+after). OWL and sensitivity allocation stream: their dense scoring pass reads the blocks from disk once more.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["run_low_memory", "check_low_memory"]
 
 #: options that need the whole model in memory: (argument name, its flag, the value meaning "not used")
 _WHOLE_MODEL = (("blocks", "--blocks", None), ("heads", "--heads", None), ("mlp", "--mlp", None),
-                ("allocation", "--allocation", "uniform"), ("nm_out", "--nm-out", None), ("format", "--format", "hf"))
+                ("nm_out", "--nm-out", None), ("format", "--format", "hf"))
 
 
 def check_low_memory(args: argparse.Namespace) -> None:
@@ -72,6 +72,9 @@ def run_low_memory(args: argparse.Namespace) -> int:
     stream = tokenize_text(tokenizer, read_sources(args.calib, None, "text"))
     calibration = sample_windows(stream, args.samples, seq_len, args.seed)
     options = {}
+    for name in ("allocation_range", "outlier_threshold"):  # checked with --allocation by _check_args
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     if getattr(args, "recovery", None) == "lsq":
         options["recovery"] = "lsq"
         if getattr(args, "recovery_steps", None) is not None:
@@ -80,11 +83,13 @@ def run_low_memory(args: argparse.Namespace) -> int:
     if not args.no_progress:
         callback, stop = rich_progress(args.method, console=err)
     settings = {"calibration": {"samples": args.samples, "seq_len": seq_len, "seed": args.seed,
-                                "source": args.calib or "builtin"}}
+                                "source": args.calib or "builtin"},
+                "allocation": getattr(args, "allocation", "uniform")}
     try:
         report = prune_from_disk(args.model, args.out, calibration, method=args.method, sparsity=args.sparsity,
                                  pattern=args.pattern, exclude=args.exclude, batch_size=args.batch_size,
                                  progress=callback or False, metadata=settings,
+                                 allocation=getattr(args, "allocation", "uniform"),
                                  sequential="layer" if getattr(args, "sequential", False) else "block", **options)
     finally:
         if stop is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,7 @@ from .methods import LayerMethod
 
 __all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord",
            "gather_layers", "outside_layers", "collect_statistics", "call_groups", "SEQUENTIAL_MODES", "BlockSource",
-           "real_tokens"]
+           "RereadableBlockSource", "real_tokens"]
 
 #: ``"block"``: every layer of a block calibrated on the dense block; ``"layer"``: true sequential within a block
 SEQUENTIAL_MODES = ("block", "layer")
@@ -485,6 +485,19 @@ class BlockSource(Protocol):
     def captured(self) -> None: ...
 
     def release(self, index: int) -> None: ...
+
+
+@runtime_checkable
+class RereadableBlockSource(BlockSource, Protocol):
+    """A :class:`BlockSource` that can also serve a pass over the *dense* blocks before the pruning pass (the
+    scoring pass of OWL and sensitivity allocation, :func:`prunekit.llm.allocation.block_scores`).
+
+    ``read_only()`` returns another source, called the same way (``load(i)``, ``captured()``, ``release(i)``),
+    whose ``release(i)`` frees block ``i`` and writes or keeps nothing: the blocks are then loaded a second
+    time, dense again, by the pruning pass. A separate object rather than a flag, so that the pruning source
+    can never be left in a read-only state, nor the read-only one write by mistake."""
+
+    def read_only(self) -> BlockSource: ...
 
 
 def prune_sequential(

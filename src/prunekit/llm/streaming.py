@@ -6,7 +6,8 @@
 (no memory), then runs :func:`prunekit.llm.prune` on it with a :class:`~prunekit.llm.sequential.BlockSource`
 that, block by block, loads the block's tensors from the shards (only those), lets the block be
 calibrated and pruned and its outputs computed, writes its pruned tensors to the output shards and frees
-them. What runs before the blocks (the embeddings) is loaded for block 0's inputs and freed after; the
+them. OWL and sensitivity allocation first score the dense blocks in a pass of their own, through the
+source's read-only view: each block loaded, run, freed, nothing written. What runs before the blocks (the embeddings) is loaded for block 0's inputs and freed after; the
 LM head never is. The tensors outside the blocks are copied into the output one at a time at the end.
 Resident memory is therefore about one block (plus the method's statistics for one layer group) plus the
 calibration activations, whatever the model's size; ``benchmarks/llm_streaming.py`` measures it.
@@ -163,31 +164,66 @@ def _is_parameter(model: nn.Module, name: str) -> bool:
     return attr in model.get_submodule(module_name)._parameters
 
 
-class _DiskBlocks:
-    """The :class:`~prunekit.llm.sequential.BlockSource` of :func:`prune_from_disk`: loads each block from the
-    checkpoint, writes it (pruned) to the output shards and frees it; opens the output when the first block
-    is loaded (after :func:`prunekit.llm.prune` has checked its arguments) and writes the rest in :meth:`finish`."""
+class _DiskReads:
+    """A read-only :class:`~prunekit.llm.sequential.BlockSource`: loads each block from the checkpoint and frees
+    it after, writing nothing (the dense scoring pass of OWL / sensitivity allocation). What runs before the
+    blocks (``front``) is loaded with block 0 and freed once block 0's inputs are captured."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, checkpoint: Checkpoint, key_map: dict[str, str],
+                 block_keys: list[list[str]], front: list[str]) -> None:
+        self.model, self.blocks, self.checkpoint, self.key_map = model, blocks, checkpoint, key_map
+        self.block_keys, self.front = block_keys, front
+
+    def _load(self, keys: Sequence[str]) -> None:
+        for key, value in self.checkpoint.read([k for k in keys if k in self.key_map]).items():
+            _set(self.model, self.key_map[key], value)
+
+    def load(self, index: int) -> None:
+        if index == 0:
+            self._load(self.front)
+        self._load(self.block_keys[index])
+
+    def captured(self) -> None:
+        for key in self.front:  # the embeddings: block 0's inputs are computed
+            _free(self.model, self.key_map[key])
+        _trim_heap()
+
+    def release(self, index: int) -> None:
+        for key in self.block_keys[index]:
+            _free(self.model, self.key_map[key])
+        _trim_heap()
+
+
+class _DiskBlocks(_DiskReads):
+    """The :class:`~prunekit.llm.sequential.RereadableBlockSource` of :func:`prune_from_disk`: loads each block
+    from the checkpoint, writes it (pruned) to the output shards and frees it; opens the output when the first
+    block is loaded for pruning (after :func:`prunekit.llm.prune` has checked its arguments and any dense
+    scoring pass, through :meth:`read_only`, has run) and writes the rest in :meth:`finish`."""
 
     def __init__(self, model: nn.Module, blocks_name: str, blocks: nn.ModuleList, checkpoint: Checkpoint,
                  key_map: dict[str, str], out: RunOutput, max_shard_size: int, stack: contextlib.ExitStack) -> None:
-        self.model, self.blocks, self.checkpoint, self.key_map, self.out = model, blocks, checkpoint, key_map, out
         num_blocks = len(blocks)
-        self.max_shard_size, self.stack = max_shard_size, stack
-        self.block_keys: list[list[str]] = [[] for _ in range(num_blocks)]
+        block_keys: list[list[str]] = [[] for _ in range(num_blocks)]
         self.other_keys: list[str] = []
         for key in checkpoint.tensors:
             name = key_map.get(key, "")
             index = name[len(blocks_name) + 1 :].split(".", 1)[0] if name.startswith(blocks_name + ".") else ""
             if index.isdigit() and int(index) < num_blocks:
-                self.block_keys[int(index)].append(key)
+                block_keys[int(index)].append(key)
             else:
                 self.other_keys.append(key)
         output = set(_output_embedding_names(model))
         # what runs before the blocks: every parameter outside them except an untied LM head
-        self.front = [k for k in self.other_keys if k in key_map and _is_parameter(model, key_map[k])
-                      and key_map[k] not in output]
+        front = [k for k in self.other_keys if k in key_map and _is_parameter(model, key_map[k])
+                 and key_map[k] not in output]
+        super().__init__(model, blocks, checkpoint, key_map, block_keys, front)
+        self.out, self.max_shard_size, self.stack = out, max_shard_size, stack
         self.tmp: Path | None = None
         self.writer: ShardWriter | None = None
+
+    def read_only(self) -> _DiskReads:
+        """A source over the same checkpoint that loads and frees the dense blocks, and never opens the output."""
+        return _DiskReads(self.model, self.blocks, self.checkpoint, self.key_map, self.block_keys, self.front)
 
     def _open(self) -> None:
         self.stack.enter_context(self.out)  # the folder's lock
@@ -197,30 +233,18 @@ class _DiskBlocks:
         self.writer = ShardWriter(self.tmp, plan, self.max_shard_size)
         self.stack.callback(self.writer.abort)
 
-    def _load(self, keys: Sequence[str]) -> None:
-        for key, value in self.checkpoint.read([k for k in keys if k in self.key_map]).items():
-            _set(self.model, self.key_map[key], value)
-
     def load(self, index: int) -> None:
         if self.writer is None:
             self._open()
-        if index == 0:
-            self._load(self.front)
-        self._load(self.block_keys[index])
+        super().load(index)
 
     def release(self, index: int) -> None:
-        keys = self.block_keys[index]
         finalize(self.blocks[index])  # masks baked into the weights: pruned entries are stored zeros
-        for key in keys:
+        for key in self.block_keys[index]:
             name = self.key_map[key]
             self.writer.write(key, self.model.get_parameter(name) if _is_parameter(self.model, name)
                               else self.model.get_buffer(name))
             _free(self.model, name)
-        _trim_heap()
-
-    def captured(self) -> None:
-        for key in self.front:  # the embeddings: block 0's inputs are computed
-            _free(self.model, self.key_map[key])
         _trim_heap()
 
     def finish(self, report: LLMPruneReport, source: Path, metadata: dict[str, Any]) -> None:
@@ -287,9 +311,11 @@ def prune_from_disk(
             earlier prunekit output is refused. ``from_pretrained(out_dir)`` loads the pruned model.
         calibration, method, sparsity, pattern, exclude, blocks, batch_size, progress, sequential,
         recovery, recovery_steps, **options: as in :func:`prunekit.llm.prune`.
-        allocation: ``"uniform"`` or one sparsity per block. OWL and sensitivity allocations need every
-            dense block's statistics before the first is pruned, and ``include=`` (the LM head) needs the
-            whole model: neither streams, use :func:`prunekit.llm.prune`.
+        allocation: ``"uniform"``, ``"owl"``, ``"sensitivity"`` or one sparsity per block, as in
+            :func:`prunekit.llm.prune` (with its ``allocation_range`` and ``outlier_threshold``). OWL and
+            sensitivity score every dense block before the first is pruned: that pass reads the blocks from
+            disk one at a time too (and writes nothing), so the blocks are read twice. ``include=`` (the LM
+            head) needs the whole model and does not stream: use :func:`prunekit.llm.prune`.
         max_shard_size: the largest output shard, in bytes or as ``"2GB"``, ``"500MB"``.
         metadata: more entries for ``prune_report.json`` (e.g. how the calibration data was drawn).
 
@@ -300,9 +326,9 @@ def prune_from_disk(
     model_dir = check_model_dir(model_dir)
     out = _output(model_dir, out_dir)
     shard_bytes = parse_size(max_shard_size)
-    if isinstance(allocation, str) and allocation != "uniform":
-        raise ValueError(f"allocation={allocation!r} needs every dense block before the first is pruned, which "
-                         "prune_from_disk does not stream; use 'uniform', one sparsity per block, or pk.llm.prune")
+    if options.get("include"):
+        raise ValueError(f"include={options['include']!r} prunes layers outside the blocks with passes of the whole "
+                         "model, which prune_from_disk does not stream; use pk.llm.prune")
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)

@@ -128,7 +128,6 @@ def masked_scores(scores: Tensor, kept: Tensor | None) -> Tensor:
 class Magnitude(LayerMethod):
     """Layer-wise magnitude pruning: the ``round(s * numel)`` smallest ``|w|`` of each layer go."""
 
-    name = "magnitude"
     needs_data = False
 
     def prune(self, weight, stats, sparsity, pattern, kept):

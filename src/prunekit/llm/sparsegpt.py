@@ -270,8 +270,6 @@ def sparsegpt_group(
 class SparseGPT(LayerMethod):
     """SparseGPT as a layer method. ``blocksize`` (128) and ``percdamp`` (0.01) as in the paper."""
 
-    name = "sparsegpt"
-
     def __init__(self, blocksize: int = 128, percdamp: float = 0.01) -> None:
         if not (isinstance(blocksize, int) and blocksize > 0):
             raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")

@@ -52,7 +52,8 @@ def wanda_mask(weight: Tensor, input_norms: Tensor, sparsity: float, pattern=Non
 
 @LLM_METHODS.register("wanda", "|W_ij| * ||X_j||_2, compared within each output row; no update (Sun et al. 2023)")
 class Wanda(LayerMethod):
-    name = "wanda"
+    """Wanda as a layer method: no options, no weight update."""
+
     unstructured_scope = "per row"
 
     def statistics(self, in_features, device):

@@ -86,6 +86,20 @@ def test_panelled_hessian_is_bit_identical_in_the_lower_triangle_and_symmetric()
     torch.testing.assert_close(h.H, old)
 
 
+def test_inverse_cholesky_in_place_is_the_reference_factor_bit_for_bit():
+    # The inverse and its factor overwrite the first factor (one (in, in) matrix less at the peak): the values
+    # must be those of the reference's three separate tensors.
+    torch.manual_seed(2)
+    X = torch.randn(700, 300) * torch.linspace(0.1, 3, 300)
+    H = _old_hessian([X])
+    expected = H.clone()
+    expected.diagonal().add_(0.01 * torch.mean(torch.diag(H)))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(expected)), upper=True)
+    U = _inverse_cholesky(H.clone(), 0.01)
+    assert torch.equal(U, expected)
+    assert torch.equal(U, torch.triu(U))  # the lower triangle is zero, as a fresh upper factor's
+
+
 def test_sweep_gives_the_reference_weights_and_masks_exactly():
     torch.manual_seed(1)
     W = torch.randn(48, 256)

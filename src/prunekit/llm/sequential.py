@@ -25,7 +25,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .. import masking
 from ..modules import fraction_pruned, matches
@@ -320,13 +319,12 @@ def collect_statistics(block: nn.Module, layers: Sequence[BlockLayer], method: L
     """Run block ``index`` on every calibration batch and return ``(statistics per layer name, call order)``."""
     watch = _StatsPass(layers, method, inputs.token_masks)
     try:
-        with parametrize.cached():  # masked weights (true sequential, earlier masks) multiplied once
-            for b in range(len(inputs.hidden)):
-                watch.start(b)
-                try:
-                    run_block(block, inputs, index, b)
-                except _Stop:
-                    pass
+        for b in range(len(inputs.hidden)):
+            watch.start(b)
+            try:
+                run_block(block, inputs, index, b)
+            except _Stop:
+                pass
     finally:
         watch.remove()
     return watch.stats, watch.order
@@ -533,9 +531,8 @@ def prune_sequential(
         layer_records = (prune_block(model, block, layers[i], method, per_block[i], pattern, inputs, i, mode)
                          if layers[i] else [])
         if inputs is not None and i < len(blocks) - 1:
-            with parametrize.cached():  # each masked weight multiplied by its mask once, not once per batch
-                for b in range(len(inputs.hidden)):
-                    inputs.hidden[b] = run_block(block, inputs, i, b).detach()
+            for b in range(len(inputs.hidden)):
+                inputs.hidden[b] = run_block(block, inputs, i, b).detach()
         if source is not None:
             source.release(i)
         seconds = time.perf_counter() - start

@@ -77,9 +77,9 @@ class Hessian:
 
 def _inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
     """The upper Cholesky factor of ``(H + damp I)^-1``, retrying with 10x the dampening if ``H`` is not
-    positive definite in float32. ``H``'s diagonal is dampened in place (the caller restores it) and no factor
-    outlives its use, so with ``H`` at most three ``(in, in)`` matrices exist at once (this bounds streaming's
-    peak memory)."""
+    positive definite in float32. ``H``'s diagonal is dampened in place (the caller restores it) and the
+    inverse and its factor overwrite the first factor, so with ``H`` two ``(in, in)`` matrices exist at once
+    (this bounds streaming's peak memory)."""
     diag = torch.arange(H.shape[0], device=H.device)
     undamped = torch.diag(H)
     damp = percdamp * torch.mean(undamped)
@@ -87,12 +87,12 @@ def _inverse_cholesky(H: Tensor, percdamp: float) -> Tensor:
         H[diag, diag] = undamped + damp
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            # In place: H^-1, then its upper factor, overwrite L (the same values as into new tensors).
+            torch.cholesky_inverse(L, out=L)
+            torch.linalg.cholesky_ex(L, upper=True, out=(L, info))
             if int(info) == 0:
-                return U
-            del inverse, U
+                return L
+        del L
         damp = damp * 10 if damp > 0 else torch.tensor(1e-6, device=H.device)
     raise ValueError("SparseGPT: the Hessian is not positive definite even with strong dampening")
 

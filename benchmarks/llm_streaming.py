@@ -17,8 +17,12 @@ one thread):
   Hessian (``MLP x MLP`` float32);
 * the wall time, and that the output reloads as the same architecture with 50% zeros in every pruned layer.
 
+``--allocation owl sensitivity`` (default ``uniform``) measures each method once per allocation: OWL and
+sensitivity add a dense scoring pass that reads every block from disk once more, one block at a time.
+
     nice -n 10 .venv/bin/python benchmarks/llm_streaming.py                        # full run, ~20-40 minutes
     .venv/bin/python benchmarks/llm_streaming.py --smoke --out /tmp/x               # smoke run, seconds
+    .venv/bin/python benchmarks/llm_streaming.py --smoke --allocation uniform owl --out /tmp/x
 
 Results go to ``benchmarks/results/llm_streaming.{md,json}`` (``--out`` elsewhere). The model folders are
 deleted at the end (``--keep`` keeps them). Exit status 1 when a measurement fails.
@@ -82,27 +86,30 @@ def _block_done(blocks: list, index: int, total: int, seconds: float) -> None:
     print(f"  block {index + 1}/{total}: {seconds:.1f} s", flush=True)
 
 
-def measure(method: str, model_dir: str, warm_dir: str, out_dir: str, samples: int, seq_len: int, vocab: int) -> dict:
+def measure(method: str, model_dir: str, warm_dir: str, out_dir: str, samples: int, seq_len: int, vocab: int,
+            allocation: str = "uniform") -> dict:
     """In a child: warm up on the tiny model, then the peak extra memory and the time of one call."""
     torch.set_num_threads(1)
     import prunekit as pk
 
     calib = pk.llm.random_calibration(vocab, samples, seq_len, seed=0)
     warm = pk.llm.random_calibration(SMOKE["vocab_size"], 2, 16, seed=0)
-    pk.llm.prune_from_disk(warm_dir, out_dir + "_warm", warm, method=method)
+    pk.llm.prune_from_disk(warm_dir, out_dir + "_warm", warm, method=method, allocation=allocation)
     shutil.rmtree(out_dir + "_warm")
     blocks = []
     start = time.perf_counter()
     with peak_rss() as memory:
         report = pk.llm.prune_from_disk(model_dir, out_dir, calib, method=method, sparsity=0.5, batch_size=8,
-                                        max_shard_size="1GB", progress=lambda i, n, s: _block_done(blocks, i, n, s))
+                                        max_shard_size="1GB", allocation=allocation,
+                                        progress=lambda i, n, s: _block_done(blocks, i, n, s))
     wall = time.perf_counter() - start
     from prunekit.llm.shards import Checkpoint
 
     written = Checkpoint(out_dir)
     name = "model.layers.0.mlp.down_proj.weight"
     w = written.read([name])[name]
-    return {"method": method, "wall_s": wall, "block_seconds": blocks, "sparsity": report.sparsity,
+    return {"method": method, "allocation": allocation, "block_sparsity": report.block_sparsity,
+            "wall_s": wall, "block_seconds": blocks, "sparsity": report.sparsity,
             "down_proj_zero_fraction": float((w == 0).float().mean()),
             "shards_written": len({t.file for t in written.tensors.values()}), **memory}
 
@@ -118,16 +125,17 @@ def markdown(result: dict) -> str:
         f"random token ids, whose hidden states take {result['activation_bytes'] / _MB:.0f} MiB. 50% unstructured, "
         f"one thread, {result['machine']['cpu']}; the model written to and read from `{result['dir_kind']}`.",
         "",
-        "| method | peak extra memory | % of the model | less the activations, % of the model | wall time | zeros in a pruned layer |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | allocation | peak extra memory | % of the model | less the activations, % of the model | wall time | zeros in block 0's down projection |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         if "error" in r:
-            lines.append(f"| `{r['method']}` | failed | | | | |")
+            lines.append(f"| `{r['method']}` | {r.get('allocation', '')} | failed | | | | |")
             continue
         peak = r["peak_extra_bytes"]
         lines.append(
-            f"| `{r['method']}` | {peak / _MB:.0f} MiB{'' if r['exact'] else ' (lower bound)'} | {peak / m['bytes']:.1%} | "
+            f"| `{r['method']}` | {r['allocation']} | {peak / _MB:.0f} MiB{'' if r['exact'] else ' (lower bound)'} | "
+            f"{peak / m['bytes']:.1%} | "
             f"{(peak - result['activation_bytes']) / m['bytes']:.1%} | {r['wall_s'] / 60:.1f} min | "
             f"{r['down_proj_zero_fraction']:.1%} |")
     lines += [
@@ -146,6 +154,8 @@ def markdown(result: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
+    p.add_argument("--allocation", nargs="+", default=["uniform"], choices=["uniform", "owl", "sensitivity"],
+                   help="one run per method and allocation (default: %(default)s)")
     p.add_argument("--layers", type=int, default=None, help="blocks (default: 22, TinyLlama's)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -173,13 +183,16 @@ def main(argv=None) -> int:
         block = 4 * (2 * h * h + 2 * h * kv * head_dim + 3 * h * i + 2 * h)
         ctx = mp.get_context("fork")
         for method in args.methods:
-            print(f"{method}: pruning {size / 1e9:.2f} GB from disk ...", flush=True)
-            r = run_child(ctx, measure, method, str(work / "model"), str(work / "warm"), str(work / f"out_{method}"),
-                          args.samples, args.seq_len, shape["vocab_size"])
-            r.setdefault("method", method)
-            runs.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "block_seconds"}), flush=True)
-            shutil.rmtree(work / f"out_{method}", ignore_errors=True)
+            for allocation in args.allocation:
+                print(f"{method}, {allocation}: pruning {size / 1e9:.2f} GB from disk ...", flush=True)
+                out = work / f"out_{method}_{allocation}"
+                r = run_child(ctx, measure, method, str(work / "model"), str(work / "warm"), str(out),
+                              args.samples, args.seq_len, shape["vocab_size"], allocation)
+                r.setdefault("method", method)
+                r.setdefault("allocation", allocation)
+                runs.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "block_seconds"}), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
         description = ("TinyLlama-1.1B's architecture with random weights" if not args.smoke
                        else "a 6-block width-128 Llama (smoke run)")
         if args.layers:

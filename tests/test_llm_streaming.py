@@ -244,13 +244,15 @@ _CHILD = textwrap.dedent("""
     except OSError:
         pass
     before = status()["VmRSS"]
-    prune_from_disk(sys.argv[1], sys.argv[2], calib, method=sys.argv[3], batch_size=8, max_shard_size="100MB")
+    prune_from_disk(sys.argv[1], sys.argv[2], calib, method=sys.argv[3], batch_size=8, max_shard_size="100MB",
+                    allocation=sys.argv[5])
     print(json.dumps({"before": before, "peak": status()["VmHWM"]}))
 """)
 
 
 @pytest.mark.slow
-def test_peak_memory_is_a_fraction_of_the_model(tmp_path):
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])  # sensitivity: the costlier dense scoring pass
+def test_peak_memory_is_a_fraction_of_the_model(allocation, tmp_path):
     # 24 blocks of width 512 (MLP 1408): 310 MB of float32 weights, saved in 100 MB shards.
     config = tf.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=24,
                             num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
@@ -259,11 +261,12 @@ def test_peak_memory_is_a_fraction_of_the_model(tmp_path):
     assert size > 300e6
     tiny_model("llama", vocab_size=1024).save_pretrained(tmp_path / "tiny")
     child = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in"), str(tmp_path / "out"), "sparsegpt",
-                            str(tmp_path / "tiny")],
+                            str(tmp_path / "tiny"), allocation],
                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert child.returncode == 0, child.stderr
     m = json.loads(child.stdout.strip().splitlines()[-1])
-    activations = 16 * 64 * 512 * 4  # the calibration hidden states held between blocks
+    # the calibration hidden states held between blocks (the scoring pass holds a block's inputs and its outputs)
+    activations = (1 if allocation == "uniform" else 2) * 16 * 64 * 512 * 4
     # SparseGPT's own working memory: up to four (in x in) float32 matrices of the widest layer at once
     # (the accumulated Hessian, its dampened copy, a Cholesky factor and the inverse); 48 MiB for the
     # runtime's buffers and what the allocator keeps of freed memory.
@@ -273,7 +276,11 @@ def test_peak_memory_is_a_fraction_of_the_model(tmp_path):
     assert growth <= 0.25 * size + activations + hessians + 48 * 2**20, (growth / size, growth)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
     w = reloaded.model.layers[23].mlp.down_proj.weight
-    assert int((w == 0).sum()) == w.numel() // 2
+    if allocation == "uniform":
+        assert int((w == 0).sum()) == w.numel() // 2
+    else:
+        saved = json.loads((tmp_path / "out" / "prune_report.json").read_text())["prune"]
+        assert int((w == 0).sum()) == pytest.approx(saved["block_sparsity"][23] * w.numel(), abs=w.shape[0])
 
 
 @pytest.mark.slow

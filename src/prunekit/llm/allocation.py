@@ -21,14 +21,14 @@ a read-only block source loads each block from disk before it runs and frees it 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import masking
 from .blocks import BlockLayer, matrix_to_weight, weight_matrix
-from .sequential import BlockSource, capture_block_inputs, collect_statistics, run_block
+from .sequential import BlockInputs, BlockSource, capture_block_inputs, collect_statistics, run_block
 from .wanda import Wanda, wanda_mask, wanda_scores
 
 __all__ = ["ALLOCATIONS", "outlier_ratio", "scores_to_sparsities", "block_scores", "allocate"]
@@ -37,9 +37,30 @@ ALLOCATIONS = ("uniform", "owl", "sensitivity")
 
 
 def outlier_ratio(scores: Sequence[Tensor], threshold: float = 5.0) -> float:
-    """OWL's layer outlier ratio: the fraction of all ``scores`` above ``threshold`` times their mean."""
-    flat = torch.cat([s.reshape(-1) for s in scores])
-    return float((flat > threshold * flat.mean()).sum()) / flat.numel()
+    """OWL's layer outlier ratio: the fraction of all ``scores`` above ``threshold`` times their mean.
+
+    ``scores`` is read twice, one tensor at a time (the mean, then the count) and never concatenated, so
+    a lazy sequence (:class:`_LayerScores`) holds one layer's scores at a time."""
+    total, count = 0.0, 0
+    for s in scores:
+        total += float(s.sum(dtype=torch.float64))
+        count += s.numel()
+    limit = threshold * total / count
+    return sum(int((s > limit).sum()) for s in scores) / count
+
+
+class _LayerScores(Sequence):
+    """Wanda's scores of a block's layers, computed each time one is indexed (one layer's in memory at a time)."""
+
+    def __init__(self, layers: Sequence[BlockLayer], stats: Mapping) -> None:
+        self.layers, self.stats = layers, stats
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> Tensor:
+        layer = self.layers[index]  # an IndexError ends iteration
+        return wanda_scores(weight_matrix(layer), self.stats[layer.name].norms)
 
 
 def scores_to_sparsities(scores: Sequence[float], sparsity: float, lam: float,
@@ -72,12 +93,30 @@ def _prune_temporarily(layers: Sequence[BlockLayer], stats: Mapping, sparsity: f
     return saved
 
 
+def _relative_error(block: nn.Module, layers: Sequence[BlockLayer], stats: Mapping, sparsity: float,
+                    inputs: BlockInputs, index: int, dense: Sequence[Tensor]) -> float:
+    """``||B'(x) - B(x)||^2 / ||B(x)||^2`` over the batches, ``B'`` the block with Wanda's masks (then restored)."""
+    saved = _prune_temporarily(layers, stats, sparsity)
+    try:
+        err = ref = 0.0
+        for b in range(len(inputs.hidden)):
+            pruned = run_block(block, inputs, index, b)
+            err += float((pruned - dense[b]).to(torch.float64).square().sum())
+            ref += float(dense[b].to(torch.float64).square().sum())
+    finally:
+        for param, value in saved:
+            param.data.copy_(value)
+    return err / ref if ref > 0 else 0.0
+
+
 @torch.no_grad()
 def block_scores(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Sequence[BlockLayer]],
                  batches: Sequence[Mapping], sparsity: float, threshold: float = 5.0,
-                 source: BlockSource | None = None) -> dict[str, list[float]]:
+                 source: BlockSource | None = None,
+                 kinds: Collection[str] = ("owl", "sensitivity")) -> dict[str, list[float]]:
     """``{"owl": outlier ratios, "sensitivity": relative output errors}``, one per block, from a pass of the
-    dense model (plus one pass of each block with Wanda's mask at ``sparsity``, restored afterwards).
+    dense model (plus, for ``"sensitivity"``, one pass of each block with Wanda's mask at ``sparsity``,
+    restored afterwards). ``kinds``: the scores to compute (the others are skipped, with their cost).
 
     ``source`` (a read-only :class:`~prunekit.llm.sequential.BlockSource`, for blocks on the ``meta`` device)
     loads block ``i`` before it is used and frees it once its outputs are computed, as the pruning pass does:
@@ -87,30 +126,20 @@ def block_scores(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Seque
     inputs = capture_block_inputs(model, blocks, batches)
     if source is not None:
         source.captured()
-    out: dict[str, list[float]] = {"owl": [], "sensitivity": []}
+    out: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i, block in enumerate(blocks):
         if source is not None and i:
             source.load(i)
         dense = [run_block(block, inputs, i, b).detach() for b in range(len(inputs.hidden))]
-        if layers[i]:
-            stats, _ = collect_statistics(block, layers[i], Wanda(), inputs, i)
-            scores = [wanda_scores(weight_matrix(layer), stats[layer.name].norms) for layer in layers[i]]
-            out["owl"].append(outlier_ratio(scores, threshold))
-            del scores
-            saved = _prune_temporarily(layers[i], stats, sparsity)
-            try:
-                err = ref = 0.0
-                for b in range(len(inputs.hidden)):
-                    pruned = run_block(block, inputs, i, b)
-                    err += float((pruned - dense[b]).to(torch.float64).square().sum())
-                    ref += float(dense[b].to(torch.float64).square().sum())
-            finally:
-                for param, value in saved:
-                    param.data.copy_(value)
-            out["sensitivity"].append(err / ref if ref > 0 else 0.0)
+        if not layers[i]:
+            for kind in kinds:
+                out[kind].append(0.0)
         else:
-            out["owl"].append(0.0)
-            out["sensitivity"].append(0.0)
+            stats, _ = collect_statistics(block, layers[i], Wanda(), inputs, i)
+            if "owl" in out:
+                out["owl"].append(outlier_ratio(_LayerScores(layers[i], stats), threshold))
+            if "sensitivity" in out:
+                out["sensitivity"].append(_relative_error(block, layers[i], stats, sparsity, inputs, i, dense))
         inputs.hidden = dense
         if source is not None:
             source.release(i)
@@ -122,7 +151,7 @@ def allocate(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Sequence[
              threshold: float = 5.0, source: BlockSource | None = None) -> list[float]:
     """One sparsity per block for ``allocation`` (``"owl"`` or ``"sensitivity"``), averaging to ``sparsity``;
     ``source``: see :func:`block_scores`."""
-    scores = block_scores(model, blocks, layers, batches, sparsity, threshold, source)[allocation]
+    scores = block_scores(model, blocks, layers, batches, sparsity, threshold, source, (allocation,))[allocation]
     weights = [sum(layer.in_features * layer.out_features for layer in block) for block in layers]
     pruned = [(s, w) for s, w in zip(scores, weights) if w]
     result = iter(scores_to_sparsities([s for s, _ in pruned], sparsity, lam, [w for _, w in pruned]))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import masking
 from .blocks import BlockLayer, matrix_to_weight, weight_matrix
-from .sequential import BlockInputs, BlockSource, capture_block_inputs, collect_statistics, run_block
+from .sequential import BlockInputs, BlockSource, InMemory, collect_statistics, enter_blocks, run_block
 from .wanda import Wanda, wanda_mask, wanda_scores
 
 __all__ = ["ALLOCATIONS", "outlier_ratio", "scores_to_sparsities", "block_scores", "allocate"]
@@ -121,14 +121,11 @@ def block_scores(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Seque
     ``source`` (a read-only :class:`~prunekit.llm.sequential.BlockSource`, for blocks on the ``meta`` device)
     loads block ``i`` before it is used and frees it once its outputs are computed, as the pruning pass does:
     one block in memory at a time."""
-    if source is not None:
-        source.load(0)
-    inputs = capture_block_inputs(model, blocks, batches)
-    if source is not None:
-        source.captured()
+    source = InMemory() if source is None else source
+    inputs = enter_blocks(model, blocks, batches, source)
     out: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i, block in enumerate(blocks):
-        if source is not None and i:
+        if i:
             source.load(i)
         dense = [run_block(block, inputs, i, b).detach() for b in range(len(inputs.hidden))]
         if not layers[i]:
@@ -141,8 +138,7 @@ def block_scores(model: nn.Module, blocks: nn.ModuleList, layers: Sequence[Seque
             if "sensitivity" in out:
                 out["sensitivity"].append(_relative_error(block, layers[i], stats, sparsity, inputs, i, dense))
         inputs.hidden = dense
-        if source is not None:
-            source.release(i)
+        source.release(i)
     return out
 
 

@@ -33,7 +33,7 @@ from .methods import LayerMethod
 
 __all__ = ["BlockInputs", "as_batches", "capture_block_inputs", "run_block", "prune_sequential", "LayerRecord",
            "gather_layers", "outside_layers", "collect_statistics", "call_groups", "SEQUENTIAL_MODES", "BlockSource",
-           "RereadableBlockSource", "real_tokens"]
+           "RereadableBlockSource", "InMemory", "enter_blocks", "real_tokens"]
 
 #: ``"block"``: every layer of a block calibrated on the dense block; ``"layer"``: true sequential within a block
 SEQUENTIAL_MODES = ("block", "layer")
@@ -498,6 +498,30 @@ class RereadableBlockSource(BlockSource, Protocol):
     def read_only(self) -> BlockSource: ...
 
 
+class InMemory:
+    """The :class:`BlockSource` of a model whose weights are all in memory: nothing to load or free."""
+
+    def load(self, index: int) -> None:
+        pass
+
+    def captured(self) -> None:
+        pass
+
+    def release(self, index: int) -> None:
+        pass
+
+
+def enter_blocks(model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Mapping] | None,
+                 source: BlockSource) -> BlockInputs | None:
+    """The start of a pass over the blocks: ``source.load(0)``, the calibration batches (if any) run up to the
+    blocks (:func:`capture_block_inputs`), then ``source.captured()``. The pass then calls ``source.load(i)``
+    before each later block ``i`` and ``source.release(i)`` once block ``i`` is done."""
+    source.load(0)
+    inputs = None if batches is None else capture_block_inputs(model, blocks, batches)
+    source.captured()
+    return inputs
+
+
 def prune_sequential(
     model: nn.Module,
     blocks_name: str,
@@ -517,24 +541,20 @@ def prune_sequential(
     the mean sparsity, as one more step of the progress. ``mode``: see :func:`prune_block`. ``source``
     loads and releases the blocks' weights (see :class:`BlockSource`)."""
     per_block = [float(sparsity)] * len(blocks) if isinstance(sparsity, (int, float)) else [float(s) for s in sparsity]
-    if source is not None:
-        source.load(0)
-    inputs = capture_block_inputs(model, blocks, batches) if method.needs_data else None
-    if source is not None:
-        source.captured()
+    source = InMemory() if source is None else source
+    inputs = enter_blocks(model, blocks, batches if method.needs_data else None, source)
     steps = len(blocks) + (1 if outside else 0)
     records = []
     for i, block in enumerate(blocks):
         start = time.perf_counter()
-        if source is not None and i:
+        if i:
             source.load(i)
         layer_records = (prune_block(model, block, layers[i], method, per_block[i], pattern, inputs, i, mode)
                          if layers[i] else [])
         if inputs is not None and i < len(blocks) - 1:
             for b in range(len(inputs.hidden)):
                 inputs.hidden[b] = run_block(block, inputs, i, b).detach()
-        if source is not None:
-            source.release(i)
+        source.release(i)
         seconds = time.perf_counter() - start
         records.append(BlockRecord(i, seconds, layer_records))
         if progress is not None:
